@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv and install everything the project needs (idempotent; seconds when up to date).
+#   bash scripts/setup.sh          runtime + test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: need Python >= 3.11 as '$PY' (set PYTHON=...)" >&2; exit 1
+fi
+
+# System packages: venv support and a C++ compiler (kernel emulation tests). Install only if missing.
+need_apt=()
+"$PY" -c 'import ensurepip' 2>/dev/null || need_apt+=("python3-venv")
+command -v g++ >/dev/null || need_apt+=("g++")
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "setup: please install: ${need_apt[*]} (e.g. sudo apt-get install ${need_apt[*]})" >&2; exit 1
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.sparse_detector_stamp
+want=$(cat requirements.txt requirements-test.txt setup.py setup.cfg package.xml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+fi
+echo "setup: .venv ready"

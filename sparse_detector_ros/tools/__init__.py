@@ -1,0 +1,1 @@
+"""Entry points of the ``sparse-detector`` CLI (bench, sim, demo, ...). ROS-free except demo."""
