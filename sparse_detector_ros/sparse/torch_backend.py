@@ -1,0 +1,340 @@
+"""Pure-torch backend of the tiled sparse convolution ops: ``reduce_mask``, ``gather``, ``scatter``.
+
+This is the reference implementation of the op API shared with the CuPy backend
+(``cupy_backend.py``, whose kernels are tested against these functions). It runs on CPU and CUDA
+tensors, is fully vectorized (index arithmetic plus ``index_select`` / ``index_add_`` /
+``index_copy_`` / ``take`` / ``put_``; there is no Python loop over tiles) and needs nothing but
+torch.
+
+Tile geometry
+-------------
+A *tile grid* is given by a tile size ``(th, tw)``, a stride ``(sh, sw)`` and an offset
+``(oy, ox)`` (ints may be given for square values). For a map of ``H x W`` cells the grid has
+``Ty = ceil(H / sh)`` rows and ``Tx = ceil(W / sw)`` columns, and tile ``(ty, tx)`` covers the
+rows ``[ty*sh + oy, ty*sh + oy + th)`` and the columns ``[tx*sw + ox, tx*sw + ox + tw)``. Parts of
+a tile outside the map read as zeros (``gather``) and are dropped (``scatter``, ``reduce_mask``).
+
+SBNet geometry for a block with output tile ``B`` and halo ``h`` (the receptive-field radius of
+the block's convolutions)::
+
+    indices, K = reduce_mask(mask, tile=B, stride=B)            # which B x B output tiles run
+    tiles = gather(x, indices, tile=B + 2*h, stride=B, offset=-h)   # (K, C, B+2h, B+2h)
+    y = valid_convs(tiles)                                       # unpadded convs: B+2h -> B
+    out = scatter(y, indices, base, tile=B, stride=B, offset=0, add=True)
+
+i.e. the gather stride is ``tile - 2*halo``: neighbouring input tiles overlap by ``2*h`` cells
+while the output tiles partition the map.
+
+Layouts
+-------
+``gather`` and ``scatter`` take ``layout="NCHW"`` (``x`` is ``(N, C, H, W)``, tiles are
+``(K, C, th, tw)``) or ``layout="NHWC"`` (``x`` is ``(N, H, W, C)``, tiles ``(K, th, tw, C)``).
+The NHWC path moves whole channel vectors (one row copy per cell) and is the faster one on CPU;
+a NCHW tensor stored ``channels_last`` is an NHWC tensor after ``permute(0, 2, 3, 1)`` (a free
+view), which is how :class:`~sparse_detector_ros.sparse.blocks.SparseResidualBlock` uses it.
+Outputs are contiguous in the requested layout.
+
+Autograd
+--------
+``gather`` and ``scatter`` are differentiable with respect to ``x`` / ``tiles`` / ``base``
+(they are built from differentiable torch indexing ops; ``scatter(inplace=True)`` modifies
+``base`` in place, so ``base`` must not be a leaf that requires grad). ``reduce_mask`` returns
+integer indices and is not differentiable. Training normally uses the dense-masked reference
+path of the block, which the tests prove equal to the sparse path.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["reduce_mask", "gather", "scatter", "pair", "grid_shape"]
+
+IntPair = int | Sequence[int]
+
+
+def pair(v: IntPair, name: str = "value") -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)``; anything else raises ``ValueError``."""
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, (int,)) and not isinstance(v, bool):
+        return int(v), int(v)
+    try:
+        a, b = v  # type: ignore[misc]
+        return int(a), int(b)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or an (h, w) pair, got {v!r}") from None
+
+
+def grid_shape(hw: tuple[int, int], stride: IntPair) -> tuple[int, int]:
+    """``(Ty, Tx) = (ceil(H / sh), ceil(W / sw))``."""
+    sh, sw = pair(stride, "stride")
+    return -(-hw[0] // sh), -(-hw[1] // sw)
+
+
+def _check_geometry(tile: IntPair, stride: IntPair, offset: IntPair):
+    th, tw = pair(tile, "tile")
+    sh, sw = pair(stride, "stride")
+    oy, ox = pair(offset, "offset")
+    if th < 1 or tw < 1:
+        raise ValueError(f"tile must be >= 1, got {(th, tw)}")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
+    return th, tw, sh, sw, oy, ox
+
+
+# --------------------------------------------------------------------------------------------
+# reduce_mask
+# --------------------------------------------------------------------------------------------
+
+def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntPair = 0,
+                threshold: float = 0.0, pooling: str = "max") -> tuple[torch.Tensor, int]:
+    """Active tiles of a computation mask.
+
+    Args:
+        mask: ``(N, H, W)`` float tensor (any float dtype).
+        tile, stride, offset: tile grid (see the module docstring); the grid has
+            ``ceil(H/sh) x ceil(W/sw)`` tiles.
+        threshold: a tile is active iff its pooled value is ``> threshold``.
+        pooling: ``"max"`` (max over the window) or ``"avg"`` (mean over the window's in-map
+            cells). A window with no in-map cell is never active.
+
+    Returns:
+        ``(indices, count)``: ``indices`` is an int32 ``(K, 3)`` tensor of rows ``[n, ty, tx]``
+        in lexicographic order on ``mask``'s device, ``count`` the Python int ``K``
+        (``K = 0`` gives a ``(0, 3)`` tensor). Not differentiable.
+    """
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
+    if not mask.is_floating_point():
+        raise TypeError(f"mask must be a float tensor, got {mask.dtype}")
+    if pooling not in ("max", "avg"):
+        raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
+    N, H, W = mask.shape
+    Ty, Tx = grid_shape((H, W), (sh, sw))
+    with torch.no_grad():
+        m = mask if mask.dtype == torch.float64 else mask.float()
+        pooled = _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling)
+        active = pooled > threshold
+        indices = torch.nonzero(active).to(torch.int32)
+    return indices.reshape(-1, 3), int(indices.shape[0])
+
+
+def _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling):
+    """(N, Ty, Tx) pooled values; windows with no in-map cell give -inf (max) / nan (avg)."""
+    # Crop / pad the map so that window (ty, tx) starts at (ty*sh, tx*sw) of the padded map and
+    # the last window fits: rows needed [oy, (Ty-1)*sh + oy + th).
+    need_h = (Ty - 1) * sh + th
+    need_w = (Tx - 1) * sw + tw
+    top, left = oy, ox                      # first needed row/col in map coordinates
+    pad_t, pad_l = max(0, -top), max(0, -left)
+    fill = float("-inf") if pooling == "max" else 0.0
+    src = m[:, max(0, top):, max(0, left):]
+    src = src[:, :max(0, need_h - pad_t), :max(0, need_w - pad_l)]
+    pad_b = need_h - pad_t - src.shape[1]
+    pad_r = need_w - pad_l - src.shape[2]
+    if pooling == "max":
+        if src.numel() == 0:
+            return torch.full((m.shape[0], Ty, Tx), float("-inf"), dtype=m.dtype, device=m.device)
+        p = F.pad(src, (pad_l, pad_r, pad_t, pad_b), value=fill) if (pad_l or pad_r or pad_t or pad_b) else src
+        return F.max_pool2d(p.unsqueeze(1), (th, tw), (sh, sw)).squeeze(1)[:, :Ty, :Tx]
+    # avg over in-map cells: window sum / window in-map count.
+    ones = torch.ones((1, 1) + tuple(src.shape[1:]), dtype=m.dtype, device=m.device)
+    if src.numel() == 0:
+        return torch.full((m.shape[0], Ty, Tx), float("nan"), dtype=m.dtype, device=m.device)
+    p = F.pad(src.unsqueeze(1), (pad_l, pad_r, pad_t, pad_b))
+    o = F.pad(ones, (pad_l, pad_r, pad_t, pad_b))
+    s = F.avg_pool2d(p, (th, tw), (sh, sw), divisor_override=1).squeeze(1)[:, :Ty, :Tx]
+    c = F.avg_pool2d(o, (th, tw), (sh, sw), divisor_override=1).squeeze(1)[:, :Ty, :Tx]
+    return torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, float("nan")))
+
+
+# --------------------------------------------------------------------------------------------
+# shared index arithmetic
+# --------------------------------------------------------------------------------------------
+
+def _tile_coords(indices: torch.Tensor, H: int, W: int, th, tw, sh, sw, oy, ox, device):
+    """Per-tile rows (K, th), cols (K, tw), their in-map flags, and the batch index (K,)."""
+    idx = indices.to(device=device, dtype=torch.int64)
+    n = idx[:, 0]
+    rows = idx[:, 1:2] * sh + oy + torch.arange(th, device=device)
+    cols = idx[:, 2:3] * sw + ox + torch.arange(tw, device=device)
+    return n, rows, cols
+
+
+def _all_inside(indices: torch.Tensor, Ty_max: int, Tx_max: int, H, W, th, tw, sh, sw, oy, ox) -> bool:
+    """Cheap host-side test whether every tile lies fully inside the map, from the tile
+    extents alone (``Ty_max``/``Tx_max``: largest ty/tx present)."""
+    return oy >= 0 and ox >= 0 and Ty_max * sh + oy + th <= H and Tx_max * sw + ox + tw <= W
+
+
+def _check_indices(indices: torch.Tensor) -> None:
+    if indices.dim() != 2 or indices.shape[1] != 3:
+        raise ValueError(f"indices must be (K, 3) rows [n, ty, tx], got {tuple(indices.shape)}")
+
+
+def _flat_index(indices, N, H, W, th, tw, sh, sw, oy, ox, device):
+    """Flat cell index ``(n*H + r)*W + c`` of each tile element, (K, th, tw) int64, and a
+    (K, th, tw) bool in-map mask, or ``None`` when every element is inside the map."""
+    n, rows, cols = _tile_coords(indices, H, W, th, tw, sh, sw, oy, ox, device)
+    K = n.shape[0]
+    inside = True
+    if K:
+        if oy < 0 or ox < 0:
+            inside = False
+        else:
+            mx = indices.max(dim=0).values.tolist()
+            inside = _all_inside(indices, mx[1], mx[2], H, W, th, tw, sh, sw, oy, ox)
+    valid = None
+    if not inside:
+        vr = (rows >= 0) & (rows < H)
+        vc = (cols >= 0) & (cols < W)
+        valid = vr[:, :, None] & vc[:, None, :]
+        rows = rows.clamp(0, H - 1)
+        cols = cols.clamp(0, W - 1)
+    flat = (n[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
+    return flat, valid
+
+
+# --------------------------------------------------------------------------------------------
+# gather
+# --------------------------------------------------------------------------------------------
+
+def gather(x: torch.Tensor, indices: torch.Tensor, tile: IntPair, stride: IntPair,
+           offset: IntPair = 0, layout: str = "NCHW") -> torch.Tensor:
+    """Copy the listed tiles of ``x`` into a stack of tiles.
+
+    Args:
+        x: ``(N, C, H, W)`` for ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"``.
+        indices: ``(K, 3)`` integer rows ``[n, ty, tx]`` (e.g. from :func:`reduce_mask`).
+        tile, stride, offset: tile grid; element ``(i, j)`` of tile ``k`` is
+            ``x[n, :, ty*sh + oy + i, tx*sw + ox + j]``, zero where that cell is outside the map.
+
+    Returns:
+        ``(K, C, th, tw)`` (NCHW) or ``(K, th, tw, C)`` (NHWC), contiguous, same dtype and
+        device as ``x``. Differentiable with respect to ``x``.
+    """
+    layout = _check_layout(layout)
+    _check_indices(indices)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D ({layout}), got shape {tuple(x.shape)}")
+    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
+    if layout == "NCHW":
+        N, C, H, W = x.shape
+    else:
+        N, H, W, C = x.shape
+    K = indices.shape[0]
+    if K == 0:
+        shape = (0, C, th, tw) if layout == "NCHW" else (0, th, tw, C)
+        return x.new_zeros(shape)
+    flat, valid = _flat_index(indices, N, H, W, th, tw, sh, sw, oy, ox, x.device)
+    if layout == "NHWC":
+        # one contiguous C-vector per cell: a row gather
+        out = x.reshape(N * H * W, C).index_select(0, flat.reshape(-1)).view(K, th, tw, C)
+        if valid is not None:
+            out = out.masked_fill(~valid[..., None], 0)
+        return out
+    # NCHW: element-wise gather on the flat tensor, index (K, C, th, tw)
+    HW = H * W
+    n_of = torch.div(flat, HW, rounding_mode="floor")
+    cell = flat - n_of * HW
+    ch = torch.arange(C, device=x.device).view(1, C, 1, 1)
+    lin = (n_of[:, None] * C + ch) * HW + cell[:, None]
+    out = x.contiguous().take(lin)
+    if valid is not None:
+        out = out.masked_fill(~valid[:, None], 0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# scatter
+# --------------------------------------------------------------------------------------------
+
+def scatter(tiles: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stride: IntPair,
+            offset: IntPair = 0, add: bool = False, inplace: bool = True,
+            layout: str = "NCHW") -> torch.Tensor:
+    """Write (or add) a stack of tiles back into a map.
+
+    Args:
+        tiles: ``(K, C, bh, bw)`` (NCHW) or ``(K, bh, bw, C)`` (NHWC); the tile size is taken
+            from this shape.
+        indices: ``(K, 3)`` integer rows ``[n, ty, tx]``.
+        base: the map, ``(N, C, H, W)`` (NCHW) or ``(N, H, W, C)`` (NHWC).
+        stride, offset: tile grid; element ``(i, j)`` of tile ``k`` goes to
+            ``base[n, :, ty*sh + oy + i, tx*sw + ox + j]`` when that cell is inside the map
+            (elements outside the map are dropped).
+        add: accumulate into ``base`` (overlapping tiles sum) instead of overwriting. With
+            ``add=False`` and overlapping tiles, which tile's value survives is unspecified.
+        inplace: write into ``base`` itself (returned); ``False`` writes into a copy of ``base``.
+
+    Returns:
+        ``base`` (or its updated copy). Differentiable with respect to ``tiles`` and ``base``.
+    """
+    layout = _check_layout(layout)
+    _check_indices(indices)
+    if tiles.dim() != 4 or base.dim() != 4:
+        raise ValueError("tiles and base must be 4-D")
+    sh, sw = pair(stride, "stride")
+    oy, ox = pair(offset, "offset")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
+    if layout == "NCHW":
+        K, C, bh, bw = tiles.shape
+        N, Cb, H, W = base.shape
+    else:
+        K, bh, bw, C = tiles.shape
+        N, H, W, Cb = base.shape
+    if C != Cb:
+        raise ValueError(f"tiles have {C} channels but base has {Cb}")
+    if K != indices.shape[0]:
+        raise ValueError(f"{K} tiles but {indices.shape[0]} indices")
+    out = base if inplace else base.clone()
+    if K == 0:
+        return out
+    tiles = tiles.to(out.dtype)
+    flat, valid = _flat_index(indices, N, H, W, bh, bw, sh, sw, oy, ox, out.device)
+    if layout == "NHWC":
+        src = tiles.reshape(K * bh * bw, C)
+        idx = flat.reshape(-1)
+        if valid is not None:
+            keep = valid.reshape(-1)
+            src, idx = src[keep], idx[keep]
+        if out.is_contiguous():
+            view = out.view(N * H * W, C)
+            (view.index_add_ if add else view.index_copy_)(0, idx, src)
+        else:  # e.g. a channels_last NCHW tensor permuted to NHWC with odd strides
+            _put_rows(out, idx, src, add)
+        return out
+    HW = H * W
+    n_of = torch.div(flat, HW, rounding_mode="floor")
+    cell = flat - n_of * HW
+    ch = torch.arange(C, device=out.device).view(1, C, 1, 1)
+    lin = (n_of[:, None] * C + ch) * HW + cell[:, None]
+    src = tiles
+    if valid is not None:
+        keep = valid[:, None].expand(K, C, bh, bw)
+        lin, src = lin[keep], src[keep]
+    if out.is_contiguous():
+        out.put_(lin, src.contiguous(), accumulate=add)
+    else:
+        tmp = out.contiguous()
+        tmp.put_(lin, src.contiguous(), accumulate=add)
+        out.copy_(tmp)
+    return out
+
+
+def _put_rows(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, add: bool) -> None:
+    """Row scatter into a non-contiguous NHWC tensor through a contiguous temporary."""
+    N, H, W, C = out.shape
+    tmp = out.contiguous()
+    view = tmp.view(N * H * W, C)
+    (view.index_add_ if add else view.index_copy_)(0, idx, src)
+    out.copy_(tmp)
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    return layout
