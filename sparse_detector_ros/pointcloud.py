@@ -35,7 +35,12 @@ _NAMES = {INT8: "INT8", UINT8: "UINT8", INT16: "INT16", UINT16: "UINT16", INT32:
 
 
 class CloudError(ValueError):
-    """A PointCloud2 that cannot be decoded; the message says what is wrong."""
+    """A PointCloud2 that cannot be decoded; the message says what is wrong and ``kind`` names
+    the class of problem (for per-kind counting and log throttling)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -136,34 +141,35 @@ def decode(msg: Any) -> np.ndarray:
     ``point_step`` and unsupported datatypes.
     """
     if msg.is_bigendian:
-        raise CloudError("big-endian point clouds are not supported (is_bigendian = true)")
+        raise CloudError("big_endian", "big-endian point clouds are not supported (is_bigendian = true)")
     height, width = int(msg.height), int(msg.width)
     point_step, row_step = int(msg.point_step), int(msg.row_step)
     n = height * width
     table = _field_table(msg)
     missing = [c for c in "xyz" if c not in table]
     if missing:
-        raise CloudError(f"point cloud has no field {', '.join(missing)} "
+        raise CloudError("missing_field", f"point cloud has no field {', '.join(missing)} "
                          f"(fields: {', '.join(table) or 'none'})")
     wanted = [table[c] for c in "xyz"] + ([table["intensity"]] if "intensity" in table else [])
     for f in wanted:
         if f.datatype not in DATATYPES:
-            raise CloudError(f"field '{f.name}' has unsupported datatype {f.datatype} "
+            raise CloudError("bad_datatype", f"field '{f.name}' has unsupported datatype "
+                             f"{f.datatype} "
                              f"(supported: {', '.join(f'{c}={s}' for c, s in _NAMES.items())})")
         if f.name in "xyz" and f.datatype not in (FLOAT32, FLOAT64):
-            raise CloudError(f"field '{f.name}' has unsupported datatype "
+            raise CloudError("bad_datatype", f"field '{f.name}' has unsupported datatype "
                              f"{_NAMES[f.datatype]}: coordinates must be FLOAT32 or FLOAT64")
         end = f.offset + DATATYPES[f.datatype].itemsize * max(1, f.count)
         if f.offset < 0 or end > point_step:
-            raise CloudError(f"field '{f.name}' (offset {f.offset}, {_NAMES[f.datatype]}) runs "
+            raise CloudError("field_past_point_step", f"field '{f.name}' (offset {f.offset}, {_NAMES[f.datatype]}) runs "
                              f"past point_step {point_step}")
     if n > 0 and row_step < width * point_step:
-        raise CloudError(f"row_step {row_step} is smaller than width*point_step = "
+        raise CloudError("bad_row_step", f"row_step {row_step} is smaller than width*point_step = "
                          f"{width}*{point_step}")
     buf = _as_uint8(msg.data)
     expected = row_step * height if n > 0 else 0
     if buf.size != expected:
-        raise CloudError(f"data length {buf.size} does not match height*row_step = "
+        raise CloudError("bad_length", f"data length {buf.size} does not match height*row_step = "
                          f"{height}*{row_step} = {expected} (width {width}, point_step "
                          f"{point_step})")
     if n == 0:

@@ -1,0 +1,77 @@
+"""Thread-safe frame accounting for the node's diagnostics (ROS-free).
+
+The subscription callback, the worker thread and the diagnostics timer all touch these
+counters, so every access goes through one lock. :meth:`FrameStats.snapshot` returns a plain
+dict that ``ros_io.diagnostics_msg`` turns into a DiagnosticArray.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+
+class FrameStats:
+    def __init__(self, stages: tuple[str, ...]):
+        self._lock = threading.Lock()
+        self._stages = stages
+        self.frames_received = 0
+        self.frames_processed = 0
+        self.frames_dropped = 0
+        self.frames_rejected = 0
+        self.rejected_by_kind: dict[str, int] = defaultdict(int)
+        self.last_rejection = ""
+        self.points_received = 0
+        self.points_kept = 0
+        self.last_stage_ms = {s: 0.0 for s in stages}
+        self.last_latency_ms = 0.0
+        self._window: dict[str, list[float]] = {s: [] for s in (*stages, "total", "latency")}
+
+    def received(self) -> None:
+        with self._lock:
+            self.frames_received += 1
+
+    def dropped(self) -> None:
+        with self._lock:
+            self.frames_dropped += 1
+
+    def rejected(self, kind: str, reason: str) -> None:
+        with self._lock:
+            self.frames_rejected += 1
+            self.rejected_by_kind[kind] += 1
+            self.last_rejection = reason
+
+    def processed(self, points_received: int, points_kept: int, stage_ms: dict[str, float],
+                  latency_ms: float) -> None:
+        with self._lock:
+            self.frames_processed += 1
+            self.points_received = points_received
+            self.points_kept = points_kept
+            self.last_stage_ms = dict(stage_ms)
+            self.last_latency_ms = latency_ms
+            for s, ms in stage_ms.items():
+                self._window.setdefault(s, []).append(ms)
+            self._window["total"].append(sum(stage_ms.values()))
+            self._window["latency"].append(latency_ms)
+
+    def snapshot(self) -> dict:
+        """Counters plus mean/max of each timing over the frames since the last snapshot."""
+        with self._lock:
+            window = {k: (sum(v) / len(v), max(v)) if v else (0.0, 0.0)
+                      for k, v in self._window.items()}
+            frames_in_window = len(self._window["total"])
+            for v in self._window.values():
+                v.clear()
+            return {
+                "frames_received": self.frames_received,
+                "frames_processed": self.frames_processed,
+                "frames_dropped": self.frames_dropped,
+                "frames_rejected": self.frames_rejected,
+                "rejected_by_kind": dict(self.rejected_by_kind),
+                "last_rejection": self.last_rejection,
+                "points_received": self.points_received,
+                "points_kept": self.points_kept,
+                "frames_in_window": frames_in_window,
+                "stage_ms": {s: window[s] for s in self._stages},
+                "total_ms": window["total"],
+                "latency_ms": window["latency"],
+            }

@@ -1,0 +1,178 @@
+"""Drive a running ``sparse_detector_node`` from outside, over real DDS: start the installed
+executable as a subprocess, publish clouds to it and collect its /diagnostics. Used by the demo
+and the tests. Callers set ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and a ``ROS_DOMAIN_ID``
+(see :func:`local_dds_env`) before rclpy is initialised.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+NODE_EXECUTABLE = "sparse_detector_node"
+
+
+def local_dds_env(domain_id: int | None = None) -> None:
+    """Keep DDS discovery on this machine and on its own domain (tests, demo, benchmarks)."""
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    if domain_id is not None:
+        os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    else:
+        os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+
+
+def node_executable() -> str:
+    """Path of the installed ``sparse_detector_node`` (next to this Python, else on PATH)."""
+    here = Path(sys.executable).parent / NODE_EXECUTABLE
+    if here.exists():
+        return str(here)
+    found = shutil.which(NODE_EXECUTABLE)
+    if found is None:
+        raise FileNotFoundError(f"{NODE_EXECUTABLE} is not installed (run scripts/setup.sh)")
+    return found
+
+
+class NodeProcess:
+    """``sparse_detector_node --ros-args [--params-file F] [-p name:=value ...]`` as a child.
+
+    Its stdout+stderr go to a temporary log file (:meth:`log`), so a chatty node never blocks
+    on a full pipe.
+    """
+
+    def __init__(self, params_file: str | os.PathLike | None = None,
+                 params: dict[str, object] | None = None, extra_args: list[str] | None = None):
+        args = [node_executable(), "--ros-args"]
+        if params_file is not None:
+            args += ["--params-file", str(params_file)]
+        for name, value in (params or {}).items():
+            args += ["-p", f"{name}:={_ros_literal(value)}"]
+        args += extra_args or []
+        self.args = args
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="sparse_detector_node_",
+                                                suffix=".log", delete=False)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        with open(self._log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def interrupt(self, timeout: float = 15.0) -> int:
+        """SIGINT (Ctrl-C) and wait; kills the process if it does not stop in time."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self.interrupt(5.0)
+            except subprocess.TimeoutExpired:
+                pass
+        self._log.close()
+        os.unlink(self._log.name)
+
+
+def _ros_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class Probe:
+    """An rclpy node in this process that publishes PointCloud2 to ``topic`` and records every
+    ``/diagnostics`` status of the detector as a dict (``ros_io.diagnostics_to_dict``)."""
+
+    def __init__(self, topic: str = "input/points", reliable: bool = True, name: str = "probe"):
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import PointCloud2
+
+        from ..ros_io import diagnostics_to_dict
+
+        self._rclpy = rclpy
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
+                         else ReliabilityPolicy.BEST_EFFORT)
+        self.pub = self.node.create_publisher(PointCloud2, topic, qos)
+        self.diagnostics: list[dict] = []
+
+        def on_diag(msg):
+            d = diagnostics_to_dict(msg)
+            if d is not None:
+                self.diagnostics.append(d)
+
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+        self.executor = rclpy.executors.SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+
+    def spin_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=min(0.05, max(0.0, end - time.monotonic())))
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            self.executor.spin_once(timeout_sec=0.05)
+        return predicate()
+
+    def wait_for_subscriber(self, timeout: float = 30.0) -> bool:
+        return self.wait_for(lambda: self.pub.get_subscription_count() > 0, timeout)
+
+    def latest(self) -> dict | None:
+        return self.diagnostics[-1] if self.diagnostics else None
+
+    def wait_for_diag(self, predicate: Callable[[dict], bool], timeout: float) -> dict | None:
+        """Wait until a diagnostics status satisfies ``predicate``; return it (or None)."""
+        seen = [0]
+
+        def check() -> bool:
+            for d in self.diagnostics[seen[0]:]:
+                seen[0] += 1
+                if predicate(d):
+                    check.hit = d
+                    return True
+            return False
+
+        check.hit = None
+        self.wait_for(check, timeout)
+        return check.hit
+
+    def publish(self, cloud, frame_id: str = "lidar", stamp=None) -> None:
+        """Publish a ``pointcloud.CloudBuffer`` or a ready PointCloud2 message."""
+        from sensor_msgs.msg import PointCloud2
+
+        from ..ros_io import cloud_to_msg
+
+        msg = cloud if isinstance(cloud, PointCloud2) else cloud_to_msg(cloud)
+        msg.header.frame_id = frame_id
+        msg.header.stamp = stamp if stamp is not None else self.node.get_clock().now().to_msg()
+        self.pub.publish(msg)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self._rclpy.try_shutdown(context=self.context)
