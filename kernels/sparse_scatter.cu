@@ -1,0 +1,123 @@
+// sparse_scatter: write (or add) a stack of tiles back into a dense map, the inverse of
+// sparse_gather.
+//
+//   base[n, :, ty*sh + oy + i, tx*sw + ox + j]  =  tiles[k, :, i, j]    (overwrite kernels)
+//                                               +=  tiles[k, :, i, j]    (add kernels, atomicAdd)
+// for the k-th row (n, ty, tx) of indices (K, 3) int32; cells off the map (and rows whose n is
+// not a valid batch index) are dropped.
+//
+// Layouts: NCHW  tiles (K, C, th, tw) -> base (N, C, H, W)
+//          NHWC  tiles (K, th, tw, C) -> base (N, H, W, C)
+// One thread per tile element, grid-stride loop over K*C*th*tw, coalesced reads of the tiles.
+// Add kernels use atomicAdd, so tiles that overlap (a halo wider than the stride) accumulate
+// correctly; the order of the additions, and so the last bits of a float sum, is unspecified.
+// Overwrite kernels are plain stores: where tiles overlap, which tile's value lands is
+// unspecified (the callers scatter non-overlapping output tiles). Overwrite kernels move bits
+// (b16/b32/b64 serve every element type of that width); add kernels exist for f32 and f64.
+
+template <typename T, bool NHWC, bool ADD>
+__device__ __forceinline__ void sparse_scatter_impl(
+    const T* __restrict__ tiles, const int* __restrict__ indices, T* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    const long long total = (long long)K * C * th * tw;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += step) {
+        int c, i, j;
+        long long k;
+        if constexpr (NHWC) {
+            c = (int)(o % C);
+            long long r = o / C;
+            j = (int)(r % tw); r /= tw;
+            i = (int)(r % th);
+            k = r / th;
+        } else {
+            j = (int)(o % tw);
+            long long r = o / tw;
+            i = (int)(r % th); r /= th;
+            c = (int)(r % C);
+            k = r / C;
+        }
+        const int n = indices[3 * k];
+        const int y = indices[3 * k + 1] * sh + oy + i;
+        const int xx = indices[3 * k + 2] * sw + ox + j;
+        if (n < 0 || n >= N || y < 0 || y >= H || xx < 0 || xx >= W) continue;
+        const long long dst = NHWC ? (((long long)n * H + y) * W + xx) * C + c
+                                   : (((long long)n * C + c) * H + y) * W + xx;
+        if constexpr (ADD) {
+            atomicAdd(base + dst, tiles[o]);
+        } else {
+            base[dst] = tiles[o];
+        }
+    }
+}
+
+extern "C" __global__ void sparse_scatter_nchw_b16(
+    const unsigned short* __restrict__ tiles, const int* __restrict__ indices, unsigned short* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<unsigned short, false, false>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_nhwc_b16(
+    const unsigned short* __restrict__ tiles, const int* __restrict__ indices, unsigned short* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<unsigned short, true, false>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_nchw_b32(
+    const unsigned int* __restrict__ tiles, const int* __restrict__ indices, unsigned int* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<unsigned int, false, false>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_nhwc_b32(
+    const unsigned int* __restrict__ tiles, const int* __restrict__ indices, unsigned int* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<unsigned int, true, false>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_nchw_b64(
+    const unsigned long long* __restrict__ tiles, const int* __restrict__ indices, unsigned long long* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<unsigned long long, false, false>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_nhwc_b64(
+    const unsigned long long* __restrict__ tiles, const int* __restrict__ indices, unsigned long long* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<unsigned long long, true, false>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_add_nchw_f32(
+    const float* __restrict__ tiles, const int* __restrict__ indices, float* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<float, false, true>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_add_nhwc_f32(
+    const float* __restrict__ tiles, const int* __restrict__ indices, float* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<float, true, true>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_add_nchw_f64(
+    const double* __restrict__ tiles, const int* __restrict__ indices, double* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<double, false, true>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
+
+extern "C" __global__ void sparse_scatter_add_nhwc_f64(
+    const double* __restrict__ tiles, const int* __restrict__ indices, double* __restrict__ base,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    sparse_scatter_impl<double, true, true>(tiles, indices, base, K, N, C, H, W, th, tw, sh, sw, oy, ox);
+}
