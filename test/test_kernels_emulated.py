@@ -1,0 +1,426 @@
+"""The CUDA kernels of kernels/*.cu, run on the CPU, against the torch backend and a naive
+numpy reference.
+
+The very same .cu files are compiled by g++ with test/emu/cuda_emu.h (built once per session
+into a temporary directory) and driven through the CuPy backend's own host logic
+(``cupy_backend._reduce_mask`` / ``_gather`` / ``_scatter``) with an emulated launcher in
+place of the CUDA one, so argument packing, launch geometry and dtype dispatch are tested too.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sparse_detector_ros.sparse import cupy_backend as cb
+
+try:
+    from sparse_detector_ros.sparse import torch_backend as tb
+except ImportError:  # pragma: no cover - the torch backend lands in parallel
+    tb = None
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_emu():
+    spec = importlib.util.spec_from_file_location("kernel_emu", ROOT / "test" / "emu" / "kernel_emu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+kernel_emu = _load_emu()
+pytestmark = pytest.mark.skipif(kernel_emu.compiler() is None, reason="no C++ compiler (g++)")
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    return kernel_emu.EmulatedKernels(ROOT / "kernels", tmp_path_factory.mktemp("kernel_emu"))
+
+
+@pytest.fixture(scope="session", params=["cuda_geometry", "tiny_grid"])
+def launcher(request, emu):
+    """The launch geometry of the CUDA path, and a 3-block x 32-thread grid whose threads
+    each loop over many work items (grid-stride loops)."""
+    return emu if request.param == "cuda_geometry" else emu.with_geometry(32, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# naive references (loops over tiles and cells, straight from the op contract)
+# --------------------------------------------------------------------------------------------
+
+def ref_reduce_mask(mask, th, tw, sh, sw, oy, ox, threshold, pooling):
+    N, H, W = mask.shape
+    Ty, Tx = -(-H // sh), -(-W // sw)
+    rows, pooled = [], np.zeros((N, Ty, Tx), dtype=np.float64)
+    for n in range(N):
+        for ty in range(Ty):
+            for tx in range(Tx):
+                y0, x0 = ty * sh + oy, tx * sw + ox
+                win = mask[n, max(y0, 0):max(min(y0 + th, H), 0), max(x0, 0):max(min(x0 + tw, W), 0)]
+                if win.size == 0:
+                    continue
+                v = win.max() if pooling == "max" else win.astype(np.float64).mean()
+                pooled[n, ty, tx] = v
+                if mask.dtype.type(v) > mask.dtype.type(threshold):  # compared in the mask's dtype
+                    rows.append((n, ty, tx))
+    return np.array(rows, dtype=np.int32).reshape(-1, 3), pooled
+
+
+def _cells(idx, th, tw, sh, sw, oy, ox, N, H, W):
+    """(k, i, j, n, y, x) for every in-map tile element."""
+    for k, (n, ty, tx) in enumerate(idx.tolist()):
+        if not 0 <= n < N:
+            continue
+        for i in range(th):
+            for j in range(tw):
+                y, x = ty * sh + oy + i, tx * sw + ox + j
+                if 0 <= y < H and 0 <= x < W:
+                    yield k, i, j, n, y, x
+
+
+def ref_gather(x, idx, th, tw, sh, sw, oy, ox, layout):
+    if layout == "NCHW":
+        N, C, H, W = x.shape
+        out = np.zeros((len(idx), C, th, tw), dtype=x.dtype)
+        for k, i, j, n, y, xx in _cells(idx, th, tw, sh, sw, oy, ox, N, H, W):
+            out[k, :, i, j] = x[n, :, y, xx]
+    else:
+        N, H, W, C = x.shape
+        out = np.zeros((len(idx), th, tw, C), dtype=x.dtype)
+        for k, i, j, n, y, xx in _cells(idx, th, tw, sh, sw, oy, ox, N, H, W):
+            out[k, i, j, :] = x[n, y, xx, :]
+    return out
+
+
+def ref_scatter(tiles, idx, base, sh, sw, oy, ox, add, layout):
+    out = base.copy()
+    if layout == "NCHW":
+        _, _, th, tw = tiles.shape
+        N, _, H, W = base.shape
+        for k, i, j, n, y, xx in _cells(idx, th, tw, sh, sw, oy, ox, N, H, W):
+            out[n, :, y, xx] = out[n, :, y, xx] + tiles[k, :, i, j] if add else tiles[k, :, i, j]
+    else:
+        _, th, tw, _ = tiles.shape
+        N, H, W, _ = base.shape
+        for k, i, j, n, y, xx in _cells(idx, th, tw, sh, sw, oy, ox, N, H, W):
+            out[n, y, xx, :] = out[n, y, xx, :] + tiles[k, i, j, :] if add else tiles[k, i, j, :]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# geometry strategies: odd sizes, tiles hanging over every border, negative offsets
+# --------------------------------------------------------------------------------------------
+
+pairs = st.tuples(st.integers(1, 6), st.integers(1, 6))
+offsets = st.tuples(st.integers(-5, 3), st.integers(-5, 3))
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _random_indices(rng, N, Ty, Tx, k, unique=True):
+    allc = np.array([(n, ty, tx) for n in range(N) for ty in range(Ty) for tx in range(Tx)],
+                    dtype=np.int32).reshape(-1, 3)
+    if unique:
+        k = min(k, len(allc))
+        sel = np.sort(rng.choice(len(allc), size=k, replace=False))
+    else:
+        sel = rng.integers(0, len(allc), size=k)
+    return allc[sel]
+
+
+def _nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# reduce_mask
+# --------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(N=st.integers(1, 3), H=st.integers(1, 17), W=st.integers(1, 17), tile=pairs,
+       stride=pairs, offset=offsets, density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+       pooling=st.sampled_from(["max", "avg"]), seed=st.integers(0, 2**16))
+def test_reduce_mask_matches_references(launcher, N, H, W, tile, stride, offset, density,
+                                        pooling, seed):
+    rng = np.random.default_rng(seed)
+    # 0/1 masks: pooled values (maxima, means of 0/1 cells) are exact in every implementation
+    mask = (rng.random((N, H, W)) < density).astype(np.float32)
+    threshold = 0.2 if pooling == "avg" else 0.0
+    idx, count, pooled = cb._reduce_mask(torch.from_numpy(mask), tile, stride, offset, threshold,
+                                         pooling, launcher)
+    ref_idx, ref_pooled = ref_reduce_mask(mask, *tile, *stride, *offset, threshold, pooling)
+    assert idx.dtype == torch.int32 and idx.shape == (count, 3)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_allclose(pooled.numpy(), ref_pooled, rtol=1e-6, atol=0)
+    if tb is not None:
+        t_idx, t_count = tb.reduce_mask(torch.from_numpy(mask), tile, stride, offset, threshold, pooling)
+        assert t_count == count and torch.equal(t_idx, idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_reduce_mask_dtypes_and_thresholds(emu, dtype, pooling):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 23, 18, generator=g).to(dtype)
+    for threshold in (0.1, 0.5, 0.9):
+        idx, count, _ = cb._reduce_mask(mask, (5, 4), (4, 3), (-1, 0), threshold, pooling, emu)
+        m = mask.numpy() if dtype == torch.float64 else mask.float().numpy()
+        ref_idx, _ = ref_reduce_mask(m, 5, 4, 4, 3, -1, 0, threshold, pooling)
+        np.testing.assert_array_equal(idx.numpy(), ref_idx)
+        if tb is not None:
+            t_idx, t_count = tb.reduce_mask(mask, (5, 4), (4, 3), (-1, 0), threshold, pooling)
+            assert t_count == count and torch.equal(t_idx, idx)
+
+
+def test_reduce_mask_empty_and_full(emu):
+    z = torch.zeros(2, 9, 7)
+    idx, count, _ = cb._reduce_mask(z, 3, 3, 0, 0.0, "max", emu)
+    assert count == 0 and idx.shape == (0, 3) and idx.dtype == torch.int32
+    idx, count, _ = cb._reduce_mask(torch.ones(2, 9, 7), 3, 3, 0, 0.0, "avg", emu)
+    assert count == 2 * 3 * 3
+    # windows entirely off the map are never active, even with a negative threshold
+    idx, count, _ = cb._reduce_mask(torch.ones(1, 4, 4), 2, 2, (-3, -3), -1.0, "max", emu)
+    assert idx.tolist() == [[0, 1, 1]]
+
+
+# --------------------------------------------------------------------------------------------
+# gather
+# --------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(N=st.integers(1, 3), C=st.integers(1, 5), H=st.integers(1, 15), W=st.integers(1, 15),
+       tile=pairs, stride=pairs, offset=offsets, k=st.integers(0, 12),
+       layout=st.sampled_from(["NCHW", "NHWC"]), seed=st.integers(0, 2**16))
+def test_gather_matches_references(launcher, N, C, H, W, tile, stride, offset, k, layout, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    if layout == "NHWC":
+        x = _nhwc(x)
+    Ty, Tx = -(-H // stride[0]), -(-W // stride[1])
+    idx = _random_indices(rng, N, Ty, Tx, k, unique=False)
+    out = cb._gather(torch.from_numpy(x), torch.from_numpy(idx), tile, stride, offset, layout, launcher)
+    ref = ref_gather(x, idx, *tile, *stride, *offset, layout)
+    assert out.shape == ref.shape and out.is_contiguous()
+    np.testing.assert_array_equal(out.numpy(), ref)
+    if tb is not None:
+        t = tb.gather(torch.from_numpy(x), torch.from_numpy(idx), tile, stride, offset, layout)
+        assert torch.equal(t, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int32,
+                                   torch.float64, torch.int64, torch.int16])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_gather_dtypes_bit_exact(emu, dtype, layout):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 3, 11, 9, generator=g) * 100).to(dtype)
+    if layout == "NHWC":
+        x = x.permute(0, 2, 3, 1).contiguous()
+    idx = torch.tensor([[0, 0, 0], [0, 2, 1], [1, 3, 2], [1, 0, 2]], dtype=torch.int64)
+    out = cb._gather(x, idx, (5, 6), (3, 4), (-1, -2), layout, emu)
+    assert out.dtype == dtype
+    ref = ref_gather(x.view(torch.int16).numpy() if x.element_size() == 2 else x.numpy(),
+                     idx.numpy(), 5, 6, 3, 4, -1, -2, layout)
+    got = out.view(torch.int16).numpy() if x.element_size() == 2 else out.numpy()
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_gather_empty_and_invalid_batch(emu):
+    x = torch.randn(2, 3, 8, 8)
+    out = cb._gather(x, torch.zeros(0, 3, dtype=torch.int32), 4, 4, 0, "NCHW", emu)
+    assert out.shape == (0, 3, 4, 4)
+    # a batch index outside [0, N) reads as off the map (zeros), never out of bounds
+    out = cb._gather(x, torch.tensor([[2, 0, 0], [-1, 0, 0], [1, 1, 1]]), 4, 4, 0, "NCHW", emu)
+    assert torch.equal(out[:2], torch.zeros(2, 3, 4, 4))
+    assert torch.equal(out[2], x[1, :, 4:8, 4:8])
+
+
+def test_gather_non_contiguous_input(emu):
+    x = torch.randn(1, 4, 10, 12).to(memory_format=torch.channels_last)  # NCHW view, NHWC storage
+    idx = torch.tensor([[0, 0, 0], [0, 2, 3]])
+    out = cb._gather(x, idx, 5, 4, -1, "NCHW", emu)
+    np.testing.assert_array_equal(out.numpy(), ref_gather(x.contiguous().numpy(), idx.numpy(), 5, 5, 4, 4, -1, -1, "NCHW"))
+    nhwc = x.permute(0, 2, 3, 1)  # contiguous NHWC view of the same storage
+    out2 = cb._gather(nhwc, idx, 5, 4, -1, "NHWC", emu)
+    assert torch.equal(out2, out.permute(0, 2, 3, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# scatter
+# --------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(N=st.integers(1, 3), C=st.integers(1, 5), H=st.integers(1, 15), W=st.integers(1, 15),
+       tile=pairs, stride=pairs, offset=offsets, k=st.integers(0, 12),
+       layout=st.sampled_from(["NCHW", "NHWC"]), seed=st.integers(0, 2**16))
+def test_scatter_add_matches_references(launcher, N, C, H, W, tile, stride, offset, k, layout, seed):
+    """add=True: overlapping tiles (tile > stride) and repeated indices accumulate."""
+    rng = np.random.default_rng(seed)
+    Ty, Tx = -(-H // stride[0]), -(-W // stride[1])
+    idx = _random_indices(rng, N, Ty, Tx, k, unique=False)
+    # small integers: float sums are exact whatever order the atomics run in
+    shape = (len(idx), C, *tile) if layout == "NCHW" else (len(idx), *tile, C)
+    tiles = rng.integers(-8, 9, size=shape).astype(np.float32)
+    base = rng.integers(-8, 9, size=(N, C, H, W) if layout == "NCHW" else (N, H, W, C)).astype(np.float32)
+    b = torch.from_numpy(base.copy())
+    out = cb._scatter(torch.from_numpy(tiles), torch.from_numpy(idx), b, stride, offset, True,
+                      True, layout, launcher)
+    ref = ref_scatter(tiles, idx, base, *stride, *offset, True, layout)
+    assert out is b
+    np.testing.assert_array_equal(out.numpy(), ref)
+    if tb is not None:
+        t = tb.scatter(torch.from_numpy(tiles), torch.from_numpy(idx), torch.from_numpy(base.copy()),
+                       stride, offset, add=True, layout=layout)
+        assert torch.equal(t, out)
+
+
+@SETTINGS
+@given(N=st.integers(1, 3), C=st.integers(1, 5), H=st.integers(1, 15), W=st.integers(1, 15),
+       tile=pairs, extra=pairs, offset=offsets, k=st.integers(0, 12),
+       layout=st.sampled_from(["NCHW", "NHWC"]), seed=st.integers(0, 2**16))
+def test_scatter_overwrite_matches_references(launcher, N, C, H, W, tile, extra, offset, k,
+                                              layout, seed):
+    """add=False with non-overlapping tiles (stride >= tile, distinct indices)."""
+    rng = np.random.default_rng(seed)
+    stride = (tile[0] + extra[0] - 1, tile[1] + extra[1] - 1)
+    Ty, Tx = -(-H // stride[0]), -(-W // stride[1])
+    idx = _random_indices(rng, N, Ty, Tx, k, unique=True)
+    shape = (len(idx), C, *tile) if layout == "NCHW" else (len(idx), *tile, C)
+    tiles = rng.standard_normal(shape).astype(np.float32)
+    base = rng.standard_normal((N, C, H, W) if layout == "NCHW" else (N, H, W, C)).astype(np.float32)
+    b = torch.from_numpy(base.copy())
+    out = cb._scatter(torch.from_numpy(tiles), torch.from_numpy(idx), b, stride, offset, False,
+                      False, layout, launcher)
+    assert out is not b and np.array_equal(b.numpy(), base)  # inplace=False leaves base alone
+    np.testing.assert_array_equal(out.numpy(), ref_scatter(tiles, idx, base, *stride, *offset, False, layout))
+    if tb is not None:
+        t = tb.scatter(torch.from_numpy(tiles), torch.from_numpy(idx), torch.from_numpy(base.copy()),
+                       stride, offset, add=False, layout=layout)
+        assert torch.equal(t, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int32,
+                                   torch.float64, torch.int64])
+@pytest.mark.parametrize("add", [False, True])
+def test_scatter_dtypes(emu, dtype, add):
+    g = torch.Generator().manual_seed(7)
+    idx = torch.tensor([[0, 0, 0], [0, 1, 2], [1, 2, 1]])
+    tiles = torch.randint(-5, 6, (3, 2, 4, 4), generator=g).to(dtype)
+    base = torch.randint(-5, 6, (2, 2, 10, 11), generator=g).to(dtype)
+    out = cb._scatter(tiles, idx, base.clone(), 4, (-1, 1), add, True, "NCHW", emu)
+    assert out.dtype == dtype
+    ref = ref_scatter(tiles.double().numpy(), idx.numpy(), base.double().numpy(), 4, 4, -1, 1, add, "NCHW")
+    np.testing.assert_array_equal(out.double().numpy(), ref)
+
+
+def test_scatter_into_non_contiguous_base(emu):
+    base = torch.zeros(1, 3, 8, 8).to(memory_format=torch.channels_last)
+    tiles = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    idx = torch.tensor([[0, 0, 1], [0, 1, 0]])
+    for add in (False, True):
+        b = base.clone()
+        out = cb._scatter(tiles, idx, b, 4, 0, add, True, "NCHW", emu)
+        assert out is b and b.is_contiguous(memory_format=torch.channels_last)
+        ref = ref_scatter(tiles.numpy(), idx.numpy(), base.contiguous().numpy(), 4, 4, 0, 0, add, "NCHW")
+        np.testing.assert_array_equal(b.contiguous().numpy(), ref)
+
+
+def test_scatter_empty_and_invalid_batch(emu):
+    base = torch.randn(2, 3, 8, 8)
+    before = base.clone()
+    cb._scatter(torch.zeros(0, 3, 4, 4), torch.zeros(0, 3, dtype=torch.int32), base, 4, 0, True, True, "NCHW", emu)
+    assert torch.equal(base, before)
+    cb._scatter(torch.ones(2, 3, 4, 4), torch.tensor([[2, 0, 0], [-1, 1, 1]]), base, 4, 0, True, True, "NCHW", emu)
+    assert torch.equal(base, before)  # rows with n outside [0, N) are dropped
+
+
+def test_scatter_shape_errors(emu):
+    with pytest.raises(ValueError, match="channels"):
+        cb._scatter(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 3, 8, 8),
+                    4, 0, False, True, "NCHW", emu)
+    with pytest.raises(ValueError, match="indices"):
+        cb._scatter(torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 3, 8, 8),
+                    4, 0, False, True, "NCHW", emu)
+    with pytest.raises(ValueError, match="layout"):
+        cb._gather(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, dtype=torch.int32), 4, 4, 0, "NWHC", emu)
+
+
+# --------------------------------------------------------------------------------------------
+# the SBNet round trip: reduce_mask -> gather (halo) -> per-tile op -> scatter
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_sbnet_round_trip_equals_dense_masked(emu, layout):
+    """A 3x3 box filter run on gathered tiles with a 1-cell halo and scattered back equals the
+    dense filter on every active output tile (the project's central equality)."""
+    g = torch.Generator().manual_seed(11)
+    N, C, H, W, B, h = 2, 3, 21, 19, 4, 1
+    x = torch.randn(N, C, H, W, generator=g)
+    mask = (torch.rand(N, H, W, generator=g) > 0.93).float()
+    idx, count, _ = cb._reduce_mask(mask, B, B, 0, 0.0, "max", emu)
+    assert 0 < count < N * 6 * 5
+    weight = torch.ones(C, 1, 3, 3)
+    xl = x.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else x
+    tiles = cb._gather(xl, idx, B + 2 * h, B, -h, layout, emu)
+    t = tiles.permute(0, 3, 1, 2) if layout == "NHWC" else tiles
+    y = torch.nn.functional.conv2d(t, weight, groups=C)  # valid conv: (B+2h) -> B
+    y = y.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else y
+    base = torch.zeros_like(xl)
+    out = cb._scatter(y, idx, base, B, 0, False, True, layout, emu)
+    out = out.permute(0, 3, 1, 2) if layout == "NHWC" else out
+    dense = torch.nn.functional.conv2d(x, weight, padding=1, groups=C)
+    active = torch.zeros(N, 1, H, W, dtype=torch.bool)
+    for n, ty, tx in idx.tolist():
+        active[n, :, ty * B:(ty + 1) * B, tx * B:(tx + 1) * B] = True
+    torch.testing.assert_close(out, torch.where(active, dense, torch.zeros(())), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the emulator's own checks, and the public (CUDA-only) API on this machine
+# --------------------------------------------------------------------------------------------
+
+def test_emulator_rejects_wrong_argument_types(emu):
+    m = torch.zeros(1, 4, 4)
+    p = torch.zeros(1, 2, 2)
+    a = torch.zeros(1, 2, 2, dtype=torch.int32)
+    ints = tuple(np.int32(v) for v in (1, 4, 4, 2, 2, 2, 2, 2, 2, 0, 0))
+    with pytest.raises(TypeError, match="needs float32"):
+        emu("reduce_mask.cu", "reduce_mask_f32", 4, (m, p, a) + ints + (0.5, np.int32(0)))
+    with pytest.raises(TypeError, match="int64 tensor"):
+        emu("reduce_mask.cu", "reduce_mask_f32", 4, (m, p, a.long()) + ints + (np.float32(0.5), np.int32(0)))
+    with pytest.raises(TypeError, match="takes"):
+        emu("reduce_mask.cu", "reduce_mask_f32", 4, (m, p, a) + ints)
+
+
+def test_emulator_detects_out_of_bounds_writes(emu):
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    out = torch.zeros(1, 1, 2, 2)  # too small for a 3x3 tile: the kernel writes past its end
+    args = (x.view(torch.int32), torch.zeros(1, 3, dtype=torch.int32), out.view(torch.int32)) + \
+        tuple(np.int32(v) for v in (1, 1, 1, 4, 4, 3, 3, 3, 3, 0, 0))
+    with pytest.raises(AssertionError, match="wrote outside"):
+        emu("sparse_gather.cu", "sparse_gather_nchw_b32", 9, args)
+
+
+def test_public_api_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="CUDA"):
+        cb.reduce_mask(torch.zeros(1, 4, 4), 2, 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        cb.gather(torch.zeros(1, 1, 4, 4), torch.zeros(0, 3, dtype=torch.int32), 2, 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        cb.scatter(torch.zeros(0, 1, 2, 2), torch.zeros(0, 3, dtype=torch.int32), torch.zeros(1, 1, 4, 4), 2)
+
+
+def test_available_is_false_without_a_gpu_and_import_is_lazy():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert cb.available() is False
+    code = ("import sys; import sparse_detector_ros.sparse.cupy_backend as cb; "
+            "assert 'cupy' not in sys.modules, 'cupy imported at module load'; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
