@@ -1,0 +1,83 @@
+"""Bird's-eye picture of a frame: points, ground-truth boxes and the road map (matplotlib)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .frames import Frame
+from .roadmap import ROAD_VALUE, WALKABLE_VALUE
+from .world import Scene
+
+CLASS_COLORS = {"car": "#d62728", "pedestrian": "#1f77b4", "cyclist": "#2ca02c"}
+
+
+def _to_world(frame: Frame, xy):
+    ex, ey, _, eyaw = frame.ego_pose
+    c, s = np.cos(eyaw), np.sin(eyaw)
+    return ex + c * xy[:, 0] - s * xy[:, 1], ey + s * xy[:, 0] + c * xy[:, 1]
+
+
+def box_corners(boxes) -> np.ndarray:
+    """(K, 4, 2) BEV corners of (x, y, z, l, w, h, yaw) boxes."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 7)
+    lx = np.array([1, 1, -1, -1]) * 0.5
+    ly = np.array([1, -1, -1, 1]) * 0.5
+    c, s = np.cos(b[:, 6])[:, None], np.sin(b[:, 6])[:, None]
+    px = lx[None] * b[:, 3:4]
+    py = ly[None] * b[:, 4:5]
+    return np.stack([b[:, :1] + c * px - s * py, b[:, 1:2] + s * px + c * py], axis=-1)
+
+
+def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
+                   zoom: float = 18.0, dpi: int = 110) -> None:
+    """Save a two-panel BEV (whole neighbourhood, close-up) of ``frame`` to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Polygon
+
+    rm = scene.roadmap()
+    img = rm.occupancy_image()
+    colour = np.zeros(img.shape + (3,), np.float32)
+    colour[:] = (0.97, 0.97, 0.94)
+    colour[img == WALKABLE_VALUE] = (0.88, 0.88, 0.93)
+    colour[img == ROAD_VALUE] = (0.78, 0.78, 0.82)
+    extent = (rm.origin[0], rm.origin[0] + img.shape[1] * rm.resolution,
+              rm.origin[1], rm.origin[1] + img.shape[0] * rm.resolution)
+    wx, wy = _to_world(frame, frame.points[:, :2])
+    z = frame.points[:, 2]
+    ground = frame.owner == -2
+    corners = box_corners(frame.boxes)
+    ex, ey, _, eyaw = frame.ego_pose
+
+    fig, axes = plt.subplots(1, 2, figsize=(16, 8.4))
+    for ax, half, size in ((axes[0], half_extent, 0.4), (axes[1], zoom, 3.0)):
+        ax.imshow(colour, origin="lower", extent=extent, interpolation="nearest")
+        ax.scatter(wx[ground], wy[ground], s=size * 0.35, c="#4a4a55", linewidths=0,
+                   rasterized=True)
+        sc = ax.scatter(wx[~ground], wy[~ground], s=size, c=z[~ground], cmap="turbo",
+                        vmin=-frame.lidar.mount_height, vmax=3.0, linewidths=0,
+                        rasterized=True)
+        for k in range(len(frame.boxes)):
+            cw = np.stack(_to_world(frame, corners[k]), axis=1)
+            col = CLASS_COLORS.get(str(frame.labels[k]), "k")
+            ax.add_patch(Polygon(cw, closed=True, fill=False, ec=col,
+                                 lw=1.4 if frame.num_points[k] > 0 else 0.6,
+                                 ls="-" if frame.num_points[k] > 0 else ":"))
+            front = cw[:2].mean(0)
+            centre = cw.mean(0)
+            ax.plot([centre[0], front[0]], [centre[1], front[1]], color=col, lw=0.8)
+        ax.plot([ex], [ey], marker=(3, 0, np.rad2deg(eyaw) - 90), ms=12, color="k")
+        ax.set_xlim(ex - half, ex + half)
+        ax.set_ylim(ey - half, ey + half)
+        ax.set_aspect("equal")
+        ax.set_xlabel("x [m] (map)")
+        ax.set_ylabel("y [m] (map)")
+    cars = int(np.sum(frame.labels == "car"))
+    axes[0].set_title(f"scene {scene.seed} frame {frame.index}: {len(frame.points)} points, "
+                      f"{len(frame.boxes)} objects ({cars} cars) - {frame.lidar.name}")
+    axes[1].set_title("close-up: only faces towards the sensor are hit; shadows behind")
+    fig.colorbar(sc, ax=axes, shrink=0.7, label="z in sensor frame [m]")
+    handles = [plt.Line2D([], [], color=c, label=n) for n, c in CLASS_COLORS.items()]
+    axes[0].legend(handles=handles, loc="upper right", fontsize=8)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
