@@ -424,3 +424,55 @@ def test_available_is_false_without_a_gpu_and_import_is_lazy():
             "assert 'cupy' not in sys.modules, 'cupy imported at module load'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the sparse residual block on the emulated kernels
+# --------------------------------------------------------------------------------------------
+
+class _EmulatedBackend:
+    """The CuPy backend's op API on CPU tensors, kernels run by the emulation."""
+
+    def __init__(self, launch):
+        self.launched = []
+
+        def counting(filename, name, total, args):
+            self.launched.append(name)
+            launch(filename, name, total, args)
+        self.launch = counting
+
+    def reduce_mask(self, mask, tile, stride, offset=0, threshold=0.0, pooling="max"):
+        return cb._reduce_mask(mask, tile, stride, offset, threshold, pooling, self.launch)[:2]
+
+    def gather(self, x, indices, tile, stride, offset=0, layout="NCHW"):
+        return cb._gather(x, indices, tile, stride, offset, layout, self.launch)
+
+    def scatter(self, tiles, indices, base, stride, offset=0, add=False, inplace=True, layout="NCHW"):
+        return cb._scatter(tiles, indices, base, stride, offset, add, inplace, layout, self.launch)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_residual_block_on_emulated_kernels(emu, monkeypatch, channels_last):
+    blocks = pytest.importorskip("sparse_detector_ros.sparse.blocks")
+    from sparse_detector_ros.sparse import ops
+    backend = _EmulatedBackend(emu)
+    monkeypatch.setattr(ops, "get_backend", lambda name="auto", device=None: backend)
+    torch.manual_seed(0)
+    block = blocks.SparseResidualBlock(blocks.bottleneck_branch(6), tile_size=4,
+                                       dense_crossover=1.0)
+    for m in block.branch:  # non-trivial batch-norm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    block.eval()
+    x = torch.randn(2, 6, 19, 22)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = (torch.rand(2, 19, 22) > 0.95).float()
+    with torch.no_grad():
+        out = block(x, mask)
+        assert block.last_path == "sparse"
+        ref = block.dense_reference(x, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    layout = "nhwc" if channels_last else "nchw"
+    assert {"reduce_mask_f32", f"sparse_gather_{layout}_b32", f"sparse_scatter_add_{layout}_f32"} <= set(backend.launched)
