@@ -19,8 +19,14 @@ NODE_EXECUTABLE = "sparse_detector_node"
 
 
 def local_dds_env(domain_id: int | None = None) -> None:
-    """Keep DDS discovery on this machine and on its own domain (tests, demo, benchmarks)."""
+    """Keep DDS on this machine and on its own domain (tests, demo, benchmarks), with the
+    package's Fast DDS profile (loopback UDP + a shared-memory segment large enough for big
+    clouds over best-effort QoS) unless the caller already chose a profile."""
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    if not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
+        from ..paths import find_share_file
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(
+            find_share_file("config/fastdds_local_large_data.xml"))
     if domain_id is not None:
         os.environ["ROS_DOMAIN_ID"] = str(domain_id)
     else:
