@@ -78,12 +78,19 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
             & (np.abs(lz) <= b[:, None, 5] / 2))
 
 
-def count_points_in_boxes(points, boxes, chunk=64) -> np.ndarray:
-    """Points inside each box (K,), in chunks of boxes to bound memory."""
-    b = np.asarray(boxes).reshape(-1, 7)
+def count_points_in_boxes(points, boxes) -> np.ndarray:
+    """Points inside each box (K,). Points are sorted by x once; each box then tests only
+    the points within its bounding radius in x."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    p = np.asarray(points)[:, :3]
+    order = np.argsort(p[:, 0], kind="stable")
+    xs = p[order, 0]
     out = np.zeros(len(b), np.int64)
-    for i in range(0, len(b), chunk):
-        out[i:i + chunk] = points_in_boxes(points, b[i:i + chunk]).sum(1)
+    for k in range(len(b)):
+        r = 0.5 * np.hypot(b[k, 3], b[k, 4]) + 1e-6
+        lo, hi = np.searchsorted(xs, [b[k, 0] - r, b[k, 0] + r])
+        if hi > lo:
+            out[k] = int(points_in_boxes(p[order[lo:hi]], b[k:k + 1]).sum())
     return out
 
 

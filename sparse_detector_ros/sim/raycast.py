@@ -162,10 +162,16 @@ def _column_segments(az_c, half, dtheta, W):
     return [(lo, hi)]
 
 
-def _blocks(prims: Primitives, kind: str, grid: RayGrid, max_range: float, W: int):
-    """Yield (index, row slice, column slice) of the ray blocks each primitive can touch."""
+def _blocks(prims: Primitives, kind: str, grid: RayGrid, max_range: float, W: int,
+            cull: bool = True):
+    """Yield (index, row slice, column slice) of the ray blocks each primitive can touch
+    (``cull=False``: every primitive against all rays -- the reference for tests)."""
     cx, cy, rad, zlo, zhi = prims.bounds(kind)
     if len(cx) == 0:
+        return
+    if not cull:
+        for i in range(len(cx)):
+            yield i, slice(0, len(grid.elev)), slice(0, W)
         return
     d = np.hypot(cx, cy)
     keep = (d - rad) < max_range
@@ -210,8 +216,8 @@ def _porous(hit, poro, rng):
     return hit
 
 
-def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.random.Generator
-              ) -> DepthBuffer:
+def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.random.Generator,
+              cull: bool = True) -> DepthBuffer:
     """Nearest hit of every ray against ground plane ``z = ground_z`` and ``prims`` (sensor
     frame). Returns the depth buffer with rows sorted by elevation (see :func:`ray_grid`)."""
     g = ray_grid(lidar)
@@ -230,7 +236,7 @@ def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.ran
     )
     # --- oriented boxes (slab test in the box frame)
     bx = prims.box
-    for i, rows, cols in _blocks(prims, "box", g, lidar.max_range, W):
+    for i, rows, cols in _blocks(prims, "box", g, lidar.max_range, W, cull):
         sub = (rows, cols)
         cx, cy, cz, hx, hy, hz, yaw = (float(v) for v in bx[i])
         c, s = f32(np.cos(yaw)), f32(np.sin(yaw))
@@ -264,7 +270,7 @@ def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.ran
         buf.update(sub, tnear, cos, hit, prims.box_owner[i], prims.box_surf[i], prims.box_refl[i])
     # --- vertical cylinders (side + caps)
     cyl = prims.cyl
-    for i, rows, cols in _blocks(prims, "cyl", g, lidar.max_range, W):
+    for i, rows, cols in _blocks(prims, "cyl", g, lidar.max_range, W, cull):
         sub = (rows, cols)
         cx, cy, z0, z1, r = (float(v) for v in cyl[i])
         dx, dy, dz = g.dx[sub], g.dy[sub], g.dz[sub]
@@ -292,7 +298,7 @@ def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.ran
         buf.update(sub, t, cos, hit, prims.cyl_owner[i], prims.cyl_surf[i], prims.cyl_refl[i])
     # --- spheres
     sph = prims.sph
-    for i, rows, cols in _blocks(prims, "sph", g, lidar.max_range, W):
+    for i, rows, cols in _blocks(prims, "sph", g, lidar.max_range, W, cull):
         sub = (rows, cols)
         cx, cy, cz, r = (float(v) for v in sph[i])
         b = -(f32(cx) * g.dx[sub] + f32(cy) * g.dy[sub] + f32(cz) * g.dz[sub])
@@ -306,3 +312,38 @@ def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.ran
         buf.update(sub, t, sq / f32(r), hit, prims.sph_owner[i], prims.sph_surf[i],
                    prims.sph_refl[i])
     return buf
+
+
+def surface_distance(prims: Primitives, ground_z: float, points: np.ndarray,
+                     chunk: int = 4096) -> np.ndarray:
+    """Distance of each point (N, >=3) to the nearest surface of the scene: the ground plane
+    and the faces of every box, cylinder and sphere (exact distance fields). For checks."""
+    p = np.asarray(points, dtype=np.float64)[:, :3]
+    out = np.abs(p[:, 2] - ground_z)
+    for s in range(0, len(p), chunk):
+        q = p[s:s + chunk]
+        best = out[s:s + chunk]
+        if len(prims.box):
+            b = prims.box
+            dx = q[:, None, 0] - b[None, :, 0]
+            dy = q[:, None, 1] - b[None, :, 1]
+            c, sn = np.cos(b[:, 6])[None], np.sin(b[:, 6])[None]
+            d = np.stack([np.abs(c * dx + sn * dy) - b[None, :, 3],
+                          np.abs(-sn * dx + c * dy) - b[None, :, 4],
+                          np.abs(q[:, None, 2] - b[None, :, 2]) - b[None, :, 5]], -1)
+            sd = np.linalg.norm(np.maximum(d, 0), axis=-1) + np.minimum(d.max(-1), 0)
+            best = np.minimum(best, np.abs(sd).min(1))
+        if len(prims.cyl):
+            cy = prims.cyl
+            dr = np.hypot(q[:, None, 0] - cy[None, :, 0], q[:, None, 1] - cy[None, :, 1]) - cy[None, :, 4]
+            mid, half = (cy[:, 2] + cy[:, 3]) / 2, (cy[:, 3] - cy[:, 2]) / 2
+            dz = np.abs(q[:, None, 2] - mid[None]) - half[None]
+            d = np.stack([dr, dz], -1)
+            sd = np.linalg.norm(np.maximum(d, 0), axis=-1) + np.minimum(d.max(-1), 0)
+            best = np.minimum(best, np.abs(sd).min(1))
+        if len(prims.sph):
+            sp = prims.sph
+            dist = np.linalg.norm(q[:, None, :] - sp[None, :, :3], axis=-1) - sp[None, :, 3]
+            best = np.minimum(best, np.abs(dist).min(1))
+        out[s:s + chunk] = best
+    return out
