@@ -11,32 +11,38 @@
 // (NHWC). Pure copies: the kernels move bits, so one kernel serves every element type of a width
 // (b16: float16/bfloat16/int16, b32: float32/int32, b64: float64/int64).
 
-template <typename T, bool NHWC>
-__device__ __forceinline__ void sparse_gather_impl(
+// Work-item index type: unsigned 32-bit while K*C*th*tw fits (integer division by the tile
+// sizes is much cheaper in 32 bits), 64-bit beyond. The CPU tests also build with
+// SPARSE_DETECTOR_INDEX32_MAX=0 to run the 64-bit path.
+#ifndef SPARSE_DETECTOR_INDEX32_MAX
+#define SPARSE_DETECTOR_INDEX32_MAX 0x7fffffffLL
+#endif
+
+template <typename I, typename T, bool NHWC>
+__device__ __forceinline__ void sparse_gather_loop(
     const T* __restrict__ x, const int* __restrict__ indices, T* __restrict__ out,
-    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+    I total, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
 {
-    const long long total = (long long)K * C * th * tw;
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += step) {
+    const I step = (I)gridDim.x * blockDim.x;
+    for (I o = (I)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += step) {
         int c, i, j;
-        long long k;
+        I k;
         if constexpr (NHWC) {
-            c = (int)(o % C);
-            long long r = o / C;
-            j = (int)(r % tw); r /= tw;
-            i = (int)(r % th);
-            k = r / th;
+            c = (int)(o % (I)C);
+            I r = o / (I)C;
+            j = (int)(r % (I)tw); r /= (I)tw;
+            i = (int)(r % (I)th);
+            k = r / (I)th;
         } else {
-            j = (int)(o % tw);
-            long long r = o / tw;
-            i = (int)(r % th); r /= th;
-            c = (int)(r % C);
-            k = r / C;
+            j = (int)(o % (I)tw);
+            I r = o / (I)tw;
+            i = (int)(r % (I)th); r /= (I)th;
+            c = (int)(r % (I)C);
+            k = r / (I)C;
         }
-        const int n = indices[3 * k];
-        const int y = indices[3 * k + 1] * sh + oy + i;
-        const int xx = indices[3 * k + 2] * sw + ox + j;
+        const int n = indices[3 * (long long)k];
+        const int y = indices[3 * (long long)k + 1] * sh + oy + i;
+        const int xx = indices[3 * (long long)k + 2] * sw + ox + j;
         T v = T(0);
         if (n >= 0 && n < N && y >= 0 && y < H && xx >= 0 && xx < W) {
             const long long src = NHWC ? (((long long)n * H + y) * W + xx) * C + c
@@ -44,6 +50,19 @@ __device__ __forceinline__ void sparse_gather_impl(
             v = x[src];
         }
         out[o] = v;
+    }
+}
+
+template <typename T, bool NHWC>
+__device__ __forceinline__ void sparse_gather_impl(
+    const T* __restrict__ x, const int* __restrict__ indices, T* __restrict__ out,
+    int K, int N, int C, int H, int W, int th, int tw, int sh, int sw, int oy, int ox)
+{
+    const long long total = (long long)K * C * th * tw;
+    if (total <= SPARSE_DETECTOR_INDEX32_MAX) {
+        sparse_gather_loop<unsigned int, T, NHWC>(x, indices, out, (unsigned int)total, N, C, H, W, th, tw, sh, sw, oy, ox);
+    } else {
+        sparse_gather_loop<unsigned long long, T, NHWC>(x, indices, out, (unsigned long long)total, N, C, H, W, th, tw, sh, sw, oy, ox);
     }
 }
 

@@ -44,11 +44,22 @@ def emu(tmp_path_factory):
     return kernel_emu.EmulatedKernels(ROOT / "kernels", tmp_path_factory.mktemp("kernel_emu"))
 
 
-@pytest.fixture(scope="session", params=["cuda_geometry", "tiny_grid"])
-def launcher(request, emu):
-    """The launch geometry of the CUDA path, and a 3-block x 32-thread grid whose threads
-    each loop over many work items (grid-stride loops)."""
-    return emu if request.param == "cuda_geometry" else emu.with_geometry(32, 3)
+@pytest.fixture(scope="session")
+def emu64(tmp_path_factory):
+    """The kernels built with their 32-bit indexing disabled (the path for > 2**31 items)."""
+    return kernel_emu.EmulatedKernels(ROOT / "kernels", tmp_path_factory.mktemp("kernel_emu64"),
+                                      defines=("SPARSE_DETECTOR_INDEX32_MAX=0",))
+
+
+@pytest.fixture(scope="session", params=["cuda_geometry", "tiny_grid", "index64"])
+def launcher(request, emu, emu64):
+    """The launch geometry of the CUDA path; a 3-block x 32-thread grid whose threads each
+    loop over many work items (grid-stride loops); the 64-bit indexing path."""
+    if request.param == "cuda_geometry":
+        return emu
+    if request.param == "tiny_grid":
+        return emu.with_geometry(32, 3)
+    return emu64.with_geometry(64, 2)
 
 
 # --------------------------------------------------------------------------------------------

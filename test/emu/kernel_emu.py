@@ -96,10 +96,11 @@ class EmulatedKernels:
     """The kernels of every ``.cu`` file in ``kernel_dir``, built into ``build_dir``.
 
     ``threads`` / ``max_blocks`` override the launch geometry of the CUDA path (e.g. a tiny
-    grid, to exercise the grid-stride loops)."""
+    grid, to exercise the grid-stride loops); ``defines`` (``"NAME=VALUE"``) are passed to g++
+    as ``-D`` options (e.g. to force a kernel's 64-bit indexing path)."""
 
     def __init__(self, kernel_dir: Path, build_dir: Path, threads: int | None = None,
-                 max_blocks: int | None = None):
+                 max_blocks: int | None = None, defines: tuple[str, ...] = ()):
         cxx = compiler()
         if cxx is None:
             raise RuntimeError("no C++ compiler (g++) on PATH")
@@ -114,7 +115,7 @@ class EmulatedKernels:
             cpp = build_dir / f"{cu.stem}_emu.cpp"
             lib = build_dir / f"lib{cu.stem}_emu.so"
             cpp.write_text(_launcher_source(cu.resolve(), kernels))
-            cmd = [cxx, *CXXFLAGS, "-o", str(lib), str(cpp)]
+            cmd = [cxx, *CXXFLAGS, *(f"-D{d}" for d in defines), "-o", str(lib), str(cpp)]
             jobs.append((cu.name, lib, cmd, subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
         for name, lib, cmd, proc in jobs:
