@@ -3,6 +3,7 @@
 #   bash scripts/setup.sh          runtime + test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$(pwd)
 
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -24,7 +25,10 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.sparse_detector_stamp
 want=$(cat requirements.txt requirements-test.txt setup.py setup.cfg package.xml | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+# Re-install when the dependency files changed, or when the package does not import (e.g. a
+# fresh checkout of a moved tree).
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
+   ! (cd / && "$root/.venv/bin/python" -c 'import sparse_detector_ros' 2>/dev/null); then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
