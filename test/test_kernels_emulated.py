@@ -487,3 +487,19 @@ def test_sparse_residual_block_on_emulated_kernels(emu, monkeypatch, channels_la
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     layout = "nhwc" if channels_last else "nchw"
     assert {"reduce_mask_f32", f"sparse_gather_{layout}_b32", f"sparse_scatter_add_{layout}_f32"} <= set(backend.launched)
+
+
+def test_gpu_check_script(capsys):
+    """bench/gpu_check.py: a clear exit without a GPU, and its logic runs (--cpu-smoke)."""
+    import json
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not torch.cuda.is_available():
+        assert mod.main([]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    rc = mod.main(["--cpu-smoke", "--size", "40", "--channels", "4", "--tile", "8",
+                   "--density", "0.3", "--repeats", "1", "--warmup", "0"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["ok"], report
+    assert {r["op"] for r in report["ops"]} == {"reduce_mask", "gather", "scatter"}
