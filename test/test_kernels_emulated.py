@@ -503,3 +503,106 @@ def test_gpu_check_script(capsys):
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["ok"], report
     assert {r["op"] for r in report["ops"]} == {"reduce_mask", "gather", "scatter"}
+
+
+# --------------------------------------------------------------------------------------------
+# the CUDA launcher's plumbing, with a stand-in for CuPy whose kernels run on the emulator
+# --------------------------------------------------------------------------------------------
+
+class _FakeCupy:
+    """Records what cupy_backend does with CuPy: module compilation, device and stream
+    contexts, DLPack imports, kernel launches (run by the emulator)."""
+
+    def __init__(self, emu):
+        import types
+        self.log = []
+        fake = self
+
+        class Ctx:
+            def __init__(self, kind, value):
+                fake.log.append((kind, value))
+
+            def __enter__(self):
+                fake.log.append(("enter", None))
+                return self
+
+            def __exit__(self, *exc):
+                fake.log.append(("exit", None))
+                return False
+
+        class Stream:
+            @staticmethod
+            def from_external(obj):
+                return Ctx("stream", obj)
+
+        class RawModule:
+            def __init__(self, code, options=()):
+                self.file = next(f for f in cb.KERNELS if cb.kernel_source(f) == code)
+                fake.log.append(("module", (self.file, tuple(options))))
+
+            def compile(self):
+                fake.log.append(("compile", self.file))
+
+            def get_function(self, name):
+                file = self.file
+
+                def kernel(grid, block, args):
+                    assert all(not isinstance(a, torch.Tensor) or getattr(a, "_via_dlpack", False)
+                               for a in args), "tensor passed without from_dlpack"
+                    assert ("enter", None) == fake.log[-1] or fake.log[-1][0] == "dlpack"
+                    fake.log.append(("launch", (name, grid, block)))
+                    emu.launch(file, name, (*grid, 1, 1), (*block, 1, 1), args)
+                return kernel
+
+        def from_dlpack(t):
+            fake.log.append(("dlpack", t.dtype))
+            v = t.view(t.shape)
+            v._via_dlpack = True
+            return v
+
+        self.module = types.SimpleNamespace(
+            cuda=types.SimpleNamespace(Device=lambda i: Ctx("device", i), Stream=Stream),
+            RawModule=RawModule, from_dlpack=from_dlpack)
+
+    def kinds(self, kind):
+        return [v for k, v in self.log if k == kind]
+
+
+def test_cuda_launcher_plumbing(emu, monkeypatch):
+    fake = _FakeCupy(emu)
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    monkeypatch.setattr(cb, "_modules", {})
+    monkeypatch.setattr(cb, "_functions", {})
+
+    class TorchStream:  # torch.cuda.Stream implements the CUDA stream protocol
+        cuda_stream = 1234
+
+        def __cuda_stream__(self):
+            return (0, self.cuda_stream)
+    torch_stream = TorchStream()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: torch_stream)
+
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(2, 13, 17, generator=g) > 0.9).float()
+    x = torch.randn(2, 13, 17, 3, generator=g)
+    for _ in range(2):
+        idx, k, _ = cb._reduce_mask(mask, 4, 4, 0, 0.0, "max", cb._cuda_launch)
+        tiles = cb._gather(x, idx, 6, 4, -1, "NHWC", cb._cuda_launch)
+        out = cb._scatter(tiles, idx, torch.zeros_like(x), 4, -1, True, True, "NHWC", cb._cuda_launch)
+    assert k > 0
+    if tb is not None:
+        t_idx, _ = tb.reduce_mask(mask, 4, 4)
+        t_tiles = tb.gather(x, t_idx, 6, 4, -1, "NHWC")
+        assert torch.equal(idx, t_idx) and torch.equal(tiles, t_tiles)
+        assert torch.equal(out, tb.scatter(t_tiles, t_idx, torch.zeros_like(x), 4, -1, add=True, layout="NHWC"))
+    # each file compiled once (cached per device), with exactly NVRTC_OPTIONS
+    assert sorted(fake.kinds("module")) == sorted((f, cb.NVRTC_OPTIONS) for f in cb.KERNELS)
+    assert fake.kinds("device") and set(fake.kinds("device")) == {0}
+    # every launch under torch's current stream, all tensors through DLPack, CUDA geometry
+    assert len(fake.kinds("stream")) == len(fake.kinds("launch")) == 6
+    assert all(s is torch_stream for s in fake.kinds("stream"))
+    for name, grid, block in fake.kinds("launch"):
+        assert block == (cb.THREADS,) and 1 <= grid[0] <= cb.MAX_BLOCKS
+    assert [n for n, _, _ in fake.kinds("launch")][:3] == [
+        "reduce_mask_f32", "sparse_gather_nhwc_b32", "sparse_scatter_add_nhwc_f32"]
