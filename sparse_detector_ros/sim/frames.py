@@ -39,7 +39,10 @@ class Frame:
     column (N,) int32 (firing order of the column); owner (N,) int32 (actor index, -1
     scenery, -2 ground); surface (N,) uint8 (:data:`raycast.SURFACES` code).
     boxes (K, 7) float32 (x, y, z, length, width, height, yaw); labels (K,) class names;
-    subtypes (K,); ids (K,) actor ids; num_points (K,) points inside each box;
+    subtypes (K,); ids (K,) actor ids; num_points (K,) LiDAR points on each object: points
+    inside its box grown by the noise margin and lifted off the ground by it
+    (:func:`counting_boxes` with :func:`count_margin`), so range noise neither drops
+    surface returns nor lets ground returns in;
     velocities (K, 2) in the sensor frame [m/s].
     ego_pose: (x, y, z, yaw) of base_link in ``map``; ego_twist: (vx, vy, yaw_rate) in
     base_link; stamp: seconds since the start of the sequence.
@@ -78,10 +81,21 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
             & (np.abs(lz) <= b[:, None, 5] / 2))
 
 
-def count_points_in_boxes(points, boxes) -> np.ndarray:
-    """Points inside each box (K,). Points are sorted by x once; each box then tests only
-    the points within its bounding radius in x."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+def counting_boxes(boxes, margin: float) -> np.ndarray:
+    """Boxes grown by ``margin`` on the sides and the top and lifted ``margin`` off the
+    ground: the region whose points :func:`count_points_in_boxes` counts for a box. With
+    ``margin`` = 3 sigma of range noise every return of the object's surfaces falls inside,
+    and ground returns under it do not."""
+    b = np.array(boxes, dtype=np.float64).reshape(-1, 7)
+    b[:, 2] += margin
+    b[:, 3:5] += 2 * margin
+    return b
+
+
+def count_points_in_boxes(points, boxes, margin: float = 0.0) -> np.ndarray:
+    """Points inside each box (K,), optionally grown with :func:`counting_boxes`. Points are
+    sorted by x once; each box then tests only the points within its radius in x."""
+    b = counting_boxes(boxes, margin)
     p = np.asarray(points)[:, :3]
     order = np.argsort(p[:, 0], kind="stable")
     xs = p[order, 0]
@@ -92,6 +106,11 @@ def count_points_in_boxes(points, boxes) -> np.ndarray:
         if hi > lo:
             out[k] = int(points_in_boxes(p[order[lo:hi]], b[k:k + 1]).sum())
     return out
+
+
+def count_margin(lidar: LidarModel) -> float:
+    """Margin of the ground-truth point count: 3 sigma of range noise (+1 mm)."""
+    return 3.0 * lidar.range_noise + 1e-3
 
 
 def sensor_pose(scene: Scene, lidar: LidarModel, t: float):
@@ -190,7 +209,7 @@ def render_frame(scene: Scene, lidar: LidarModel, index: int, *, keep_truth: boo
         subtypes.append(a.subtype)
         ids.append(a.id)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 7)
-    num = count_points_in_boxes(pts, boxes)
+    num = count_points_in_boxes(pts, boxes, count_margin(lidar))
     ex, ey, eyaw = (float(v) for v in scene.ego.pose(scene.roads, t))
     evx, evy, ewz = (float(v) for v in scene.ego.velocity(scene.roads, t))
     twist = np.array([c * evx + s * evy, -s * evx + c * evy, ewz])
