@@ -5,7 +5,8 @@
 // pooled has the mask's type. Outputs are per tile, (N, Ty, Tx) contiguous:
 //   pooled[n, ty, tx]  the max (avg == 0) or mean (avg != 0) of mask over the tile's window
 //                      rows [ty*sh + oy, ty*sh + oy + th) x cols [tx*sw + ox, tx*sw + ox + tw),
-//                      clipped to the map; 0 when the window has no in-map cell.
+//                      clipped to the map; 0 when the window has no in-map cell. A NaN in the
+//                      window gives NaN (never active), as torch's pooling does.
 //   active[n, ty, tx]  1 iff the window has an in-map cell and pooled > threshold, else 0.
 // The host turns `active` into sorted (n, ty, tx) indices with an ordered stream compaction
 // (torch.nonzero), so the result is deterministic; this kernel only classifies tiles.
@@ -50,7 +51,10 @@ __device__ __forceinline__ void reduce_mask_impl(
                 value = plane[(long long)y0 * W + x0];
                 for (int y = y0; y < y1; ++y) {
                     const T* row = plane + (long long)y * W;
-                    for (int x = x0; x < x1; ++x) value = row[x] > value ? row[x] : value;
+                    for (int x = x0; x < x1; ++x) {
+                        const T v = row[x];
+                        if (v > value || v != v) value = v;  // a NaN in the window wins (as torch)
+                    }
                 }
             }
             flag = value > threshold ? 1 : 0;

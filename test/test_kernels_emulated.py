@@ -190,6 +190,16 @@ def test_reduce_mask_dtypes_and_thresholds(emu, dtype, pooling):
             assert t_count == count and torch.equal(t_idx, idx)
 
 
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_reduce_mask_nan_makes_a_tile_inactive(emu, pooling):
+    mask = torch.ones(1, 6, 6)
+    mask[0, 1, 4] = float("nan")  # in tile (0, 1) of a 3x3 grid
+    idx, count, pooled = cb._reduce_mask(mask, 3, 3, 0, 0.5, pooling, emu)
+    assert idx.tolist() == [[0, 0, 0], [0, 1, 0], [0, 1, 1]] and bool(pooled[0, 0, 1].isnan())
+    if tb is not None:
+        assert torch.equal(tb.reduce_mask(mask, 3, 3, 0, 0.5, pooling)[0], idx)
+
+
 def test_reduce_mask_empty_and_full(emu):
     z = torch.zeros(2, 9, 7)
     idx, count, _ = cb._reduce_mask(z, 3, 3, 0, 0.0, "max", emu)
@@ -226,7 +236,8 @@ def test_gather_matches_references(launcher, N, C, H, W, tile, stride, offset, k
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int32,
-                                   torch.float64, torch.int64, torch.int16])
+                                   torch.float64, torch.int64, torch.int16,
+                                   torch.uint8])  # 1-byte: torch backend fallback
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_gather_dtypes_bit_exact(emu, dtype, layout):
     g = torch.Generator().manual_seed(5)

@@ -48,6 +48,8 @@ NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 #: Options CuPy's NVRTC path (``cupy.cuda.compiler``, CuPy 14) appends to ours: ``-ftz=true``
 #: in ``_compile_with_cache_cuda``, ``--device-as-default-execution-space`` when not using
 #: Jitify, plus ``-arch=sm_XX`` for the current device (see :func:`nvrtc_compile_options`).
+#: CuPy also adds ``-I`` directories (its own headers, CCCL, the CUDA toolkit's include dir when
+#: found); they cannot change the compilation of kernels that include nothing.
 CUPY_ADDED_OPTIONS: tuple[str, ...] = ("-ftz=true", "--device-as-default-execution-space")
 
 #: Kernel source files and the kernels each defines.
@@ -268,10 +270,10 @@ def _reduce_mask(mask, tile, stride, offset, threshold, pooling, launch: Launche
         m, name, thr = mask.detach().contiguous(), "reduce_mask_f64", np.float64(threshold)
     else:
         m, name, thr = mask.detach().float().contiguous(), "reduce_mask_f32", np.float32(threshold)
-    pooled = torch.zeros((N, Ty, Tx), dtype=m.dtype, device=m.device)
-    active = torch.zeros((N, Ty, Tx), dtype=torch.int32, device=m.device)
+    pooled = torch.empty((N, Ty, Tx), dtype=m.dtype, device=m.device)  # the kernel writes all
+    active = torch.empty((N, Ty, Tx), dtype=torch.int32, device=m.device)
     total = N * Ty * Tx
-    if total and H and W:
+    if total:
         launch("reduce_mask.cu", name, total,
                (m, pooled, active) + _i32(N, H, W, Ty, Tx, th, tw, sh, sw, oy, ox)
                + (thr, np.int32(pooling == "avg")))
