@@ -69,7 +69,8 @@ class Rasterizer:
         idx = keep.nonzero().squeeze(1)
         cell = fx[idx].long() * self.width + fy[idx].long()
         zslice = fz[idx].long().clamp_(max=g.z_slices - 1)
-        inten = (pts[idx, 3] * (1.0 / g.intensity_max)).clamp_(0.0, 1.0)
+        # A NaN intensity (finite coordinates) counts as 0 rather than poisoning the cell.
+        inten = torch.nan_to_num(pts[idx, 3] * (1.0 / g.intensity_max), nan=0.0).clamp_(0.0, 1.0)
         n_kept = int(idx.numel())
 
         bev = torch.zeros(self.channels * hw, dtype=torch.float32, device=self.device)
@@ -93,7 +94,7 @@ def _as_tensor(points: np.ndarray | torch.Tensor) -> torch.Tensor:
     arr = np.asarray(points)
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
-    if arr.strides[-1] != arr.itemsize or arr.strides[0] % arr.itemsize:
+    if arr.strides[-1] != arr.itemsize or arr.strides[0] % arr.itemsize or arr.strides[0] < 0:
         arr = np.ascontiguousarray(arr)
     if not arr.flags.writeable:
         # Zero-copy view of a read-only message buffer; the rasterizer never writes to it.

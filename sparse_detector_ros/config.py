@@ -174,7 +174,7 @@ class Config:
         for name, value in values.items():
             spec = SPECS.get(name)
             if spec is None:
-                raise ConfigError(f"unknown parameter '{name}': known parameters are "
+                raise ConfigError(f"unknown parameter '{name}' = {value!r}: known parameters are "
                                   + ", ".join(SPECS))
             section, key = name.split(".", 1)
             sections[section][key] = spec.check(value)

@@ -167,8 +167,8 @@ def decode(msg: Any) -> np.ndarray:
         raise CloudError("bad_row_step", f"row_step {row_step} is smaller than width*point_step = "
                          f"{width}*{point_step}")
     buf = _as_uint8(msg.data)
-    expected = row_step * height if n > 0 else 0
-    if buf.size != expected:
+    expected = row_step * height
+    if buf.size != expected and not (n == 0 and buf.size == 0):  # empty data: fine when n == 0
         raise CloudError("bad_length", f"data length {buf.size} does not match height*row_step = "
                          f"{height}*{row_step} = {expected} (width {width}, point_step "
                          f"{point_step})")

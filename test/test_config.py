@@ -1,0 +1,382 @@
+"""config: one list of parameters (PARAMS), dataclass defaults, the YAML file, validation."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_detector_ros.config import (
+    NODE_NAME, PARAMS, SPECS, Config, ConfigError, GridConfig, NodeConfig, ParamSpec,
+    SparseConfig, flatten, unwrap_ros_params,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML_PATH = ROOT / "config" / "sparse_detector.yaml"
+
+NUMERIC = [p for p in PARAMS if p.choices is None and p.type in (int, float)]
+CHOICE = [p for p in PARAMS if p.choices is not None]
+IDS = lambda p: p.name  # noqa: E731
+
+
+def defaults() -> dict:
+    return {p.name: p.default for p in PARAMS}
+
+
+def assert_config_error(exc: pytest.ExceptionInfo, *fragments: str) -> str:
+    text = str(exc.value)
+    assert isinstance(exc.value, ValueError)
+    for frag in fragments:
+        assert frag in text, f"{frag!r} not in {text!r}"
+    return text
+
+
+# --------------------------------------------------------------------------- PARAMS vs dataclasses
+
+def test_every_default_equals_the_dataclass_default():
+    assert Config().to_flat() == defaults()
+
+
+def test_params_and_dataclass_fields_are_one_to_one_in_order():
+    flat = Config().to_flat()
+    assert list(flat) == [p.name for p in PARAMS]
+    assert len(SPECS) == len(PARAMS)
+    for p in PARAMS:
+        assert type(flat[p.name]) is p.type, p.name
+
+
+def test_dataclass_field_defaults_match_specs():
+    for section, cls in (("grid", GridConfig), ("sparse", SparseConfig), ("node", NodeConfig)):
+        for f in dataclasses.fields(cls):
+            spec = SPECS[f"{section}.{f.name}"]
+            assert f.default == spec.default and type(f.default) is spec.type
+
+
+@pytest.mark.parametrize("p", PARAMS, ids=IDS)
+def test_spec_is_well_formed(p: ParamSpec):
+    assert re.fullmatch(r"(grid|sparse|node)\.[a-z_]+", p.name)
+    assert p.description.strip()
+    assert p.type in (int, float, str, bool)
+    assert p.check(p.default) == p.default  # every default is valid
+    if p.choices is not None:
+        assert p.type is str and p.default in p.choices and p.min is None and p.max is None
+    if p.type in (int, float):
+        assert p.min is not None and p.max is not None and p.min <= p.default <= p.max
+
+
+def test_from_flat_and_from_dict_of_nothing_are_the_defaults():
+    assert Config.from_flat({}) == Config()
+    assert Config.from_dict({}) == Config()
+    assert Config.from_dict(None) == Config()
+
+
+def test_to_flat_from_flat_round_trip():
+    cfg = Config.from_flat({"grid.resolution": 0.1, "sparse.backend": "torch",
+                            "node.qos_depth": 10})
+    assert Config.from_flat(cfg.to_flat()) == cfg
+    assert cfg.grid.resolution == 0.1 and cfg.sparse.backend == "torch"
+    assert cfg.node.qos_depth == 10 and cfg.grid.z_slices == 5
+
+
+# --------------------------------------------------------------------------- the YAML file
+
+def test_yaml_loads_and_equals_the_defaults():
+    assert Config.from_yaml(YAML_PATH) == Config()
+    assert Config.from_yaml(str(YAML_PATH)) == Config()
+
+
+def test_yaml_is_a_ros_parameter_file_listing_every_parameter_with_its_default():
+    raw = yaml.safe_load(YAML_PATH.read_text(encoding="utf-8"))
+    assert list(raw) == [NODE_NAME]
+    assert list(raw[NODE_NAME]) == ["ros__parameters"]
+    flat = flatten(raw[NODE_NAME]["ros__parameters"])
+    assert list(flat) == [p.name for p in PARAMS]  # same order as PARAMS
+    for p in PARAMS:
+        assert flat[p.name] == p.default and type(flat[p.name]) is p.type, p.name
+
+
+def test_yaml_documents_every_allowed_range():
+    text = YAML_PATH.read_text(encoding="utf-8")
+    for p in PARAMS:
+        assert f"allowed {p.allowed()}" in text, p.name
+
+
+def test_from_yaml_file_with_overrides(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("sparse_detector:\n  ros__parameters:\n    grid:\n      resolution: 0.4\n"
+                 "      z_slices: 8\n    node:\n      device: cpu\n", encoding="utf-8")
+    cfg = Config.from_yaml(f)
+    assert cfg.grid.resolution == 0.4 and cfg.grid.z_slices == 8 and cfg.node.device == "cpu"
+    assert cfg.grid.shape == (256, 256) and cfg.grid.channels == 10
+
+
+def test_from_yaml_empty_file_is_defaults(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("", encoding="utf-8")
+    assert Config.from_yaml(f) == Config()
+
+
+def test_from_yaml_bad_value_names_the_parameter(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("sparse_detector:\n  ros__parameters:\n    sparse:\n      tile_size: 3\n",
+                 encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(f)
+    assert_config_error(e, "'sparse.tile_size'", "3", "[4, 64]")
+
+
+# --------------------------------------------------------------------------- dict shapes
+
+OVERRIDES = {"grid.x_min": 0.0, "grid.x_max": 70.4, "grid.resolution": 0.1,
+             "sparse.pooling": "avg", "node.qos_reliability": "reliable"}
+
+
+def _nested(flat):
+    out: dict = {}
+    for k, v in flat.items():
+        a, b = k.split(".")
+        out.setdefault(a, {})[b] = v
+    return out
+
+
+@pytest.mark.parametrize("shape", ["dotted", "nested", "mixed", "ros", "ros_wildcard",
+                                   "ros_bare", "ros_dotted"])
+def test_dict_shapes_all_load(shape):
+    nested = _nested(OVERRIDES)
+    data = {
+        "dotted": OVERRIDES,
+        "nested": nested,
+        "mixed": {"grid": {"x_min": 0.0, "x_max": 70.4}, "grid.resolution": 0.1,
+                  "sparse": {"pooling": "avg"}, "node.qos_reliability": "reliable"},
+        "ros": {"sparse_detector": {"ros__parameters": nested}},
+        "ros_wildcard": {"/**": {"ros__parameters": nested}},
+        "ros_bare": {"ros__parameters": nested},
+        "ros_dotted": {"sparse_detector": {"ros__parameters": OVERRIDES}},
+    }[shape]
+    cfg = Config.from_dict(data)
+    expected = defaults() | OVERRIDES
+    assert cfg.to_flat() == expected
+    assert cfg.grid.shape == (704, 1024)
+
+
+def test_ros_wrapper_with_empty_parameters_is_defaults():
+    assert Config.from_dict({"sparse_detector": {"ros__parameters": None}}) == Config()
+    assert Config.from_dict({"sparse_detector": {"ros__parameters": {}}}) == Config()
+
+
+def test_flatten_and_unwrap():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e.f": 3}) == {"a.b": 1, "a.c.d": 2, "e.f": 3}
+    inner = {"grid": {"z_slices": 3}}
+    assert unwrap_ros_params({"n": {"ros__parameters": inner}}) is inner
+    assert unwrap_ros_params(inner) is inner
+
+
+def test_errors_in_ros_wrapped_dict_name_the_dotted_parameter():
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"sparse_detector": {"ros__parameters": {"grid": {"z_slices": 0}}}})
+    assert_config_error(e, "'grid.z_slices'", "= 0", "[1, 64]")
+
+
+def test_int_accepted_for_float_parameter_and_stored_as_float():
+    cfg = Config.from_dict({"grid": {"x_min": -50, "x_max": 50, "y_min": -20, "y_max": 20,
+                                     "resolution": 1}})
+    assert cfg.grid.x_min == -50.0 and type(cfg.grid.x_min) is float
+    assert type(cfg.grid.resolution) is float and cfg.grid.shape == (100, 40)
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.grid.resolution = 0.1  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- bad values
+
+def test_documented_message_format():
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"grid.resolution": 5.0})
+    assert str(e.value) == "parameter 'grid.resolution' = 5.0 is out of range: allowed [0.02, 2.0]"
+
+
+def _below(p):
+    return p.min - (1 if p.type is int else max(abs(p.min) * 0.5, 1e-3))
+
+
+def _above(p):
+    return p.max + (1 if p.type is int else max(abs(p.max) * 0.5, 1e-3))
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+@pytest.mark.parametrize("p", NUMERIC, ids=IDS)
+def test_out_of_range(p, side):
+    value = _below(p) if side == "below" else _above(p)
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({p.name: value})
+    assert_config_error(e, f"'{p.name}'", repr(p.type(value)), f"[{p.min}, {p.max}]",
+                        "out of range")
+    # Same through a nested dict and through the ParamSpec itself.
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(_nested({p.name: value}))
+    assert_config_error(e, f"'{p.name}'", f"[{p.min}, {p.max}]")
+    with pytest.raises(ConfigError):
+        p.check(value)
+
+
+@pytest.mark.parametrize("p", NUMERIC, ids=IDS)
+def test_range_bounds_are_inclusive(p):
+    assert p.check(p.min) == p.min and p.check(p.max) == p.max
+
+
+def _wrong_types(p):
+    if p.type is float:
+        return ["0.5", True, None, [1.0]]
+    if p.type is int:
+        return [float(p.default), "5", True, None]
+    return [1, 1.5, True, None, ["auto"]]
+
+
+@pytest.mark.parametrize("p", PARAMS, ids=IDS)
+def test_wrong_type(p):
+    for value in _wrong_types(p):
+        with pytest.raises(ConfigError) as e:
+            Config.from_flat({p.name: value})
+        assert_config_error(e, f"'{p.name}'", repr(value), "wrong type", p.type.__name__,
+                            f"allowed {p.allowed()}")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("p", [p for p in NUMERIC if p.type is float], ids=IDS)
+def test_non_finite_float(p, value):
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({p.name: value})
+    assert_config_error(e, f"'{p.name}'", repr(value), f"[{p.min}, {p.max}]")
+
+
+@pytest.mark.parametrize("p", CHOICE, ids=IDS)
+def test_bad_choice(p):
+    for value in ("bogus", p.default.upper(), "", p.default + " "):
+        with pytest.raises(ConfigError) as e:
+            Config.from_flat({p.name: value})
+        text = assert_config_error(e, f"'{p.name}'", repr(value), "not allowed")
+        for c in p.choices:
+            assert repr(c) in text
+
+
+@pytest.mark.parametrize("p", CHOICE, ids=IDS)
+def test_every_choice_accepted(p):
+    for c in p.choices:
+        assert getattr(getattr(Config.from_flat({p.name: c}), p.name.split(".")[0]),
+                       p.name.split(".")[1]) == c
+
+
+@pytest.mark.parametrize("name", ["grid.bogus", "bogus", "grid", "sparse.tile", "node.device.x",
+                                  "Grid.resolution"])
+def test_unknown_name(name):
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({name: 0.25})
+    text = assert_config_error(e, f"'{name}'", "0.25", "unknown parameter")
+    for p in PARAMS:  # the allowed names
+        assert p.name in text
+
+
+def test_unknown_name_in_nested_dict_is_dotted():
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"grid": {"resolutoin": 0.1}})
+    assert_config_error(e, "'grid.resolutoin'", "0.1", "grid.resolution")
+
+
+def test_error_is_a_single_value_error_subclass():
+    assert issubclass(ConfigError, ValueError)
+
+
+# --------------------------------------------------------------------------- grid consistency
+
+@pytest.mark.parametrize("axis", ["x", "y", "z"])
+@pytest.mark.parametrize("delta", [0.0, -1.0])
+def test_min_not_below_max(axis, delta):
+    lo = {"x": -51.2, "y": -51.2, "z": -3.0}[axis]
+    bad_max = lo + delta
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({f"grid.{axis}_max": bad_max})
+    assert_config_error(e, f"'grid.{axis}_min'", repr(lo), f"'grid.{axis}_max'", repr(bad_max),
+                        "below")
+
+
+@pytest.mark.parametrize("res,axis", [(0.3, "x"), (0.15, "x"), (0.7, "x")])
+def test_resolution_must_divide_extent(res, axis):
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"grid.resolution": res})
+    assert_config_error(e, "'grid.resolution'", repr(res), "102.4", "whole cells")
+
+
+def test_resolution_must_divide_y_extent_too():
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"grid.y_min": -51.1, "grid.resolution": 0.2})
+    assert_config_error(e, "'grid.resolution'", "0.2", "y extent", "whole cells")
+
+
+def test_too_many_cells():
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"grid.x_min": -250.0, "grid.x_max": 250.0, "grid.resolution": 0.02})
+    assert_config_error(e, "'grid.resolution'", "0.02", "25000 cells", "[1, 8192]")
+
+
+@pytest.mark.parametrize("flat,shape", [
+    ({}, (512, 512)),
+    ({"grid.resolution": 0.1}, (1024, 1024)),
+    ({"grid.resolution": 0.16}, (640, 640)),
+    ({"grid.x_min": 0.0, "grid.x_max": 69.12, "grid.y_min": -39.68, "grid.y_max": 39.68,
+      "grid.resolution": 0.16}, (432, 496)),          # the KITTI PointPillars grid
+    ({"grid.x_min": -2.0, "grid.x_max": 0.0, "grid.y_min": 0.0, "grid.y_max": 2.0,
+      "grid.resolution": 2.0}, (1, 1)),
+])
+def test_valid_grids_and_shapes(flat, shape):
+    g = Config.from_flat(flat).grid
+    assert g.shape == shape and g.channels == g.z_slices + 2
+
+
+# --------------------------------------------------------------------------- random valid values
+
+def _valid_values(p: ParamSpec):
+    if p.choices is not None:
+        return st.sampled_from(p.choices)
+    if p.type is int:
+        return st.integers(int(p.min), int(p.max))
+    return st.floats(p.min, p.max, allow_nan=False)
+
+
+_FREE = [p for p in PARAMS if not p.name.startswith("grid.")] + [
+    SPECS["grid.z_slices"], SPECS["grid.intensity_max"], SPECS["grid.density_saturation"]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries({}, optional={p.name: _valid_values(p) for p in _FREE}))
+def test_any_valid_values_load_and_round_trip(values):
+    cfg = Config.from_flat(values)
+    flat = cfg.to_flat()
+    for k, v in values.items():
+        assert flat[k] == v
+    assert Config.from_flat(flat) == cfg
+    assert Config.from_dict(_nested(values)) == cfg
+    assert Config.from_dict({"sparse_detector": {"ros__parameters": _nested(values)}}) == cfg
+
+
+@settings(max_examples=150, deadline=None)
+@given(p=st.sampled_from(NUMERIC), data=st.data())
+def test_any_out_of_range_value_is_rejected(p, data):
+    if p.type is int:
+        value = data.draw(st.one_of(st.integers(max_value=int(p.min) - 1),
+                                    st.integers(min_value=int(p.max) + 1)))
+    else:
+        value = data.draw(st.one_of(
+            st.floats(max_value=p.min, exclude_max=True, allow_nan=False, allow_infinity=False),
+            st.floats(min_value=p.max, exclude_min=True, allow_nan=False, allow_infinity=False)))
+    with pytest.raises(ConfigError) as e:
+        p.check(value)
+    assert_config_error(e, f"'{p.name}'", repr(p.type(value)), f"[{p.min}, {p.max}]")
+
