@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparse_detector_ros.sim import (CLASSES, PRESETS, Actor, Scene, generate_scene, get_lidar,
                                      load_map, points_in_boxes, render_frame)
@@ -56,7 +58,8 @@ def test_same_seed_same_frame_different_seed_different():
 @pytest.mark.parametrize("name,beams,lo,hi", [("vlp16", 16, -15, 15), ("hdl32e", 32, -30.67, 10.67),
                                               ("hdl64e", 64, -24.33, 2.0),
                                               ("os1-64", 64, -22.5, 22.5),
-                                              ("os1-128", 128, -22.5, 22.5)])
+                                              ("os1-128", 128, -22.5, 22.5),
+                                              ("mid360", 32, -7.0, 52.0)])
 def test_presets_have_the_sensor_fields_of_view(name, beams, lo, hi):
     lid = PRESETS[name]
     el = np.rad2deg(lid.elevations)
@@ -90,6 +93,24 @@ def test_frame_fields_are_sensor_like(frame):
     road = p[frame.surface == SURFACE["road"], 3]
     mark = p[frame.surface == SURFACE["marking"], 3]
     assert len(mark) and np.median(mark) > 3 * np.median(road)
+
+
+# ----------------------------------------------------------------------------- roads
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(s=st.floats(0.0, 1.0), l=st.floats(-6.0, 6.0), curv=st.floats(0.015, 0.04),
+       sign=st.sampled_from([-1, 1]), angle=st.floats(0.3, 1.5))
+def test_road_coordinates_round_trip(s, l, curv, sign, angle):
+    road = Road.chain((3.0, -2.0), 0.4, [("line", 30.0), ("arc", sign * curv, angle / curv),
+                                          ("line", 25.0)])
+    s = s * road.length
+    x, y, h = road.pose(np.array([s]), l)
+    s2, l2, d = road.project(x, y)
+    # a point within the inner radius projects back onto the same (s, l)
+    if abs(l) < 0.9 / curv:
+        assert abs(float(l2[0]) - l) < 1e-6 and abs(float(d[0]) - abs(l)) < 1e-6
+        x2, y2, _ = road.pose(s2, l2)
+        assert np.hypot(x2 - x, y2 - y)[0] < 1e-6
 
 
 # ----------------------------------------------------------------------------- ray casting

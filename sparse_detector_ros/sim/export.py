@@ -61,7 +61,7 @@ def cloud_buffer(frame: Frame, layout: str, stamp_ns: int = 0):
                                           "timestamp": stamp_ns * 1e-9 + frame.time.astype(np.float64)})
     if layout == "livox":
         return encode(pts, layout, extra={
-            "line": (frame.ring % 256).astype(np.uint8), "tag": np.zeros(len(pts), np.uint8),
+            "line": (frame.ring.astype(np.int64) * 4 // lidar.beams).astype(np.uint8), "tag": np.zeros(len(pts), np.uint8),
             "timestamp": stamp_ns + frame.time.astype(np.float64) * 1e9})
     if layout == "ouster":
         B, W = lidar.shape

@@ -102,13 +102,19 @@ PRESETS: dict[str, LidarModel] = {
                     range_at_10pct=90.0, ring_order="top_down"),
     "os1-128": _make("os1-128", np.linspace(-22.5, 22.5, 128), columns=2048, max_range=120.0,
                      range_at_10pct=90.0, ring_order="top_down"),
+    # Livox Mid-360-like: 360 deg x (-7 .. +52 deg), ~200k points/s, 40 m at 10 %. The real
+    # sensor scans a non-repetitive pattern with 4 lasers; here it is a regular 32 x 640 grid
+    # (same field of view and point rate) and the ``line`` field numbers 4 bands.
+    "mid360": _make("mid360", np.linspace(-7.0, 52.0, 32), columns=640, max_range=70.0,
+                    range_at_10pct=40.0, min_range=0.2),
 }
 
 DEFAULT_PRESET = "hdl64e"
 
 
 def get_lidar(preset: str = DEFAULT_PRESET, **overrides) -> LidarModel:
-    """A preset by name (``vlp16``, ``hdl32e``, ``hdl64e``, ``os1-64``, ``os1-128``), optionally
+    """A preset by name (``vlp16``, ``hdl32e``, ``hdl64e``, ``os1-64``, ``os1-128``,
+    ``mid360``), optionally
     with settings changed, e.g. ``get_lidar("os1-64", columns=512, mount_height=1.9)``."""
     key = preset.lower()
     if key not in PRESETS:

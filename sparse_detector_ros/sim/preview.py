@@ -28,7 +28,7 @@ def box_corners(boxes) -> np.ndarray:
 
 
 def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
-                   zoom: float = 18.0, dpi: int = 110) -> None:
+                   zoom: float = 28.0, dpi: int = 110) -> None:
     """Save a two-panel BEV (whole neighbourhood, close-up) of ``frame`` to ``path``."""
     import matplotlib
     matplotlib.use("Agg")
@@ -50,7 +50,7 @@ def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
     ex, ey, _, eyaw = frame.ego_pose
 
     fig, axes = plt.subplots(1, 2, figsize=(16, 8.4))
-    for ax, half, size in ((axes[0], half_extent, 0.4), (axes[1], zoom, 3.0)):
+    for ax, half, size in ((axes[0], half_extent, 0.4), (axes[1], zoom, 2.2)):
         ax.imshow(colour, origin="lower", extent=extent, interpolation="nearest")
         ax.scatter(wx[ground], wy[ground], s=size * 0.35, c="#4a4a55", linewidths=0,
                    rasterized=True)

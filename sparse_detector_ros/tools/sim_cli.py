@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR",
                         help="write <DIR>/scene_NNN/{bag/, map.yaml, map.png, ground_truth.json}")
     parser.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
-                        help="PointCloud2 field layout of a real driver (default: velodyne, "
-                             "ouster for os1-* presets)")
+                        help="PointCloud2 field layout of a real driver (default: velodyne; "
+                             "ouster for os1-*, livox for mid360)")
     parser.add_argument("--lidar", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                         help=f"sensor preset (default {DEFAULT_PRESET})")
     parser.add_argument("--columns", type=int, default=None,
@@ -55,7 +55,8 @@ def run(args) -> int:
         return 2
     overrides = {"columns": args.columns} if args.columns else {}
     lidar = get_lidar(args.lidar, **overrides)
-    layout = args.layout or ("ouster" if lidar.name.startswith("os1") else "velodyne")
+    layout = args.layout or ("ouster" if lidar.name.startswith("os1")
+                             else "livox" if lidar.name == "mid360" else "velodyne")
     duration = (max(args.frames, args.frame + 1) - 1) / FRAME_RATE
 
     if args.preview or args.stats:
