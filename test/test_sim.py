@@ -181,16 +181,19 @@ def test_cars_show_only_their_near_faces_and_cast_a_shadow():
 
 def test_box_point_counts_match_the_points(scene, frame):
     m = count_margin(SMALL)
-    inside = points_in_boxes(frame.points, counting_boxes(frame.boxes, m))   # brute force
+    inside = points_in_boxes(frame.points, counting_boxes(frame.boxes, *m))   # brute force
     np.testing.assert_array_equal(frame.num_points, inside.sum(1))
-    np.testing.assert_array_equal(count_points_in_boxes(frame.points, frame.boxes, m),
+    np.testing.assert_array_equal(count_points_in_boxes(frame.points, frame.boxes, *m),
                                   inside.sum(1))
+    # no ground return is counted
+    assert not inside[:, frame.owner == GROUND].any()
     assert (frame.num_points > 0).sum() >= 3
     # the count is the object's own returns: its points lie in its box, hardly anything else
     for k, aid in enumerate(frame.ids):
         own = frame.owner == aid
         if own.sum() >= 10:
-            assert inside[k, own].mean() > 0.95, (frame.labels[k], inside[k, own].mean())
+            # (feet returns within the ground-noise band below the counted floor are lost)
+            assert inside[k, own].mean() > 0.9, (frame.labels[k], inside[k, own].mean())
             assert inside[k].sum() <= own.sum() * 1.1 + 3
     # without noise the tight box (+2 mm for float32 rounding) holds every vehicle return
     exact = render_frame(scene, SMALL.with_(range_noise=0.0), 3)

@@ -40,8 +40,8 @@ class Frame:
     scenery, -2 ground); surface (N,) uint8 (:data:`raycast.SURFACES` code).
     boxes (K, 7) float32 (x, y, z, length, width, height, yaw); labels (K,) class names;
     subtypes (K,); ids (K,) actor ids; num_points (K,) LiDAR points on each object: points
-    inside its box grown by the noise margin and lifted off the ground by it
-    (:func:`counting_boxes` with :func:`count_margin`), so range noise neither drops
+    inside its box grown by the noise margin, with the floor raised just above the noisy
+    ground (:func:`counting_boxes` with :func:`count_margin`), so range noise neither drops
     surface returns nor lets ground returns in;
     velocities (K, 2) in the sensor frame [m/s].
     ego_pose: (x, y, z, yaw) of base_link in ``map``; ego_twist: (vx, vy, yaw_rate) in
@@ -81,21 +81,22 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
             & (np.abs(lz) <= b[:, None, 5] / 2))
 
 
-def counting_boxes(boxes, margin: float) -> np.ndarray:
-    """Boxes grown by ``margin`` on the sides and the top and lifted ``margin`` off the
-    ground: the region whose points :func:`count_points_in_boxes` counts for a box. With
-    ``margin`` = 3 sigma of range noise every return of the object's surfaces falls inside,
-    and ground returns under it do not."""
+def counting_boxes(boxes, margin: float, lift: float | None = None) -> np.ndarray:
+    """Boxes grown by ``margin`` on the sides and the top, with the floor raised by ``lift``
+    (default ``margin``): the region whose points :func:`count_points_in_boxes` counts."""
+    lift = margin if lift is None else lift
     b = np.array(boxes, dtype=np.float64).reshape(-1, 7)
-    b[:, 2] += margin
+    b[:, 2] += (margin + lift) / 2
     b[:, 3:5] += 2 * margin
+    b[:, 5] += margin - lift
     return b
 
 
-def count_points_in_boxes(points, boxes, margin: float = 0.0) -> np.ndarray:
+def count_points_in_boxes(points, boxes, margin: float = 0.0, lift: float | None = None
+                          ) -> np.ndarray:
     """Points inside each box (K,), optionally grown with :func:`counting_boxes`. Points are
     sorted by x once; each box then tests only the points within its radius in x."""
-    b = counting_boxes(boxes, margin)
+    b = counting_boxes(boxes, margin, lift)
     p = np.asarray(points)[:, :3]
     order = np.argsort(p[:, 0], kind="stable")
     xs = p[order, 0]
@@ -108,9 +109,13 @@ def count_points_in_boxes(points, boxes, margin: float = 0.0) -> np.ndarray:
     return out
 
 
-def count_margin(lidar: LidarModel) -> float:
-    """Margin of the ground-truth point count: 3 sigma of range noise (+1 mm)."""
-    return 3.0 * lidar.range_noise + 1e-3
+def count_margin(lidar: LidarModel) -> tuple[float, float]:
+    """(margin, lift) of the ground-truth point count: range noise is clipped at 3 sigma, so
+    surface returns stray at most 3 sigma from their face (margin) and ground returns at
+    most 3 sigma * |sin(lowest elevation)| above the ground (lift); +1 mm for rounding."""
+    sigma3 = 3.0 * lidar.range_noise
+    low = float(np.min(lidar.elevations))
+    return sigma3 + 1e-3, sigma3 * abs(np.sin(min(low, 0.0))) + 1e-3
 
 
 def sensor_pose(scene: Scene, lidar: LidarModel, t: float):
@@ -209,7 +214,7 @@ def render_frame(scene: Scene, lidar: LidarModel, index: int, *, keep_truth: boo
         subtypes.append(a.subtype)
         ids.append(a.id)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 7)
-    num = count_points_in_boxes(pts, boxes, count_margin(lidar))
+    num = count_points_in_boxes(pts, boxes, *count_margin(lidar))
     ex, ey, eyaw = (float(v) for v in scene.ego.pose(scene.roads, t))
     evx, evy, ewz = (float(v) for v in scene.ego.velocity(scene.roads, t))
     twist = np.array([c * evx + s * evy, -s * evx + c * evy, ewz])

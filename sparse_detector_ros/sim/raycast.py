@@ -275,14 +275,15 @@ def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.ran
         cx, cy, z0, z1, r = (float(v) for v in cyl[i])
         dx, dy, dz = g.dx[sub], g.dy[sub], g.dz[sub]
         a = g.dxy2[sub]
-        b = f32(-cx) * dx + f32(-cy) * dy
-        cc = f32(cx * cx + cy * cy - r * r)
-        disc = b * b - a * cc
-        sq = np.sqrt(np.maximum(disc, 0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ts = (-b - sq) / a
+        # closest approach in xy, then the chord: stable for thin and far cylinders
+        t0 = (f32(cx) * dx + f32(cy) * dy) / a
+        px, py = t0 * dx - f32(cx), t0 * dy - f32(cy)
+        disc = f32(r * r) - (px * px + py * py)
+        half = np.sqrt(np.maximum(disc, 0) / a)
+        ts = t0 - half
         zs = ts * dz
         hit_s = (disc >= 0) & (ts > rmin) & (zs >= z0) & (zs <= z1)
+        sq = np.sqrt(np.maximum(disc, 0) * a)   # r * |cos(incidence)|
         izv = g.inv_dz[sub]
         tc = np.where(dz > 0, f32(z0), f32(z1)) * izv
         px, py = tc * dx - f32(cx), tc * dy - f32(cy)
@@ -301,10 +302,12 @@ def cast_rays(prims: Primitives, lidar: LidarModel, ground_z: float, rng: np.ran
     for i, rows, cols in _blocks(prims, "sph", g, lidar.max_range, W, cull):
         sub = (rows, cols)
         cx, cy, cz, r = (float(v) for v in sph[i])
-        b = -(f32(cx) * g.dx[sub] + f32(cy) * g.dy[sub] + f32(cz) * g.dz[sub])
-        disc = b * b - f32(cx * cx + cy * cy + cz * cz - r * r)
+        dx, dy, dz = g.dx[sub], g.dy[sub], g.dz[sub]
+        t0 = f32(cx) * dx + f32(cy) * dy + f32(cz) * dz     # closest approach, then chord
+        px, py, pz = t0 * dx - f32(cx), t0 * dy - f32(cy), t0 * dz - f32(cz)
+        disc = f32(r * r) - (px * px + py * py + pz * pz)
         sq = np.sqrt(np.maximum(disc, 0))
-        t = -b - sq
+        t = t0 - sq
         hit = (disc >= 0) & (t > rmin)
         if not hit.any():
             continue

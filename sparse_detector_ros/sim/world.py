@@ -21,6 +21,7 @@ from .roads import Line, Road
 
 CLASSES = ("car", "pedestrian", "cyclist")
 FRAME_RATE = 10.0  # Hz
+LEAD_IN = 100.0    # metres of main road before the ego's start region
 
 
 @dataclass
@@ -140,7 +141,7 @@ class _Placer:
 
 def _network(rng, need_length):
     """Main road (straight or with one curve) and 1-3 perpendicular cross streets."""
-    a = rng.uniform(40, 110)
+    a = LEAD_IN + rng.uniform(40, 110)
     spec = [("line", a)]
     curved = rng.random() < 0.75
     if curved:
@@ -155,11 +156,11 @@ def _network(rng, need_length):
                     parking=(bool(rng.random() < 0.8), bool(rng.random() < 0.7)),
                     sidewalk_width=float(rng.uniform(2.8, 4.5)))
 
-    main = Road.chain((0.0, 0.0), 0.0, spec, name="main", **section(True))
+    main = Road.chain((-LEAD_IN, 0.0), 0.0, spec, name="main", **section(True))
     roads, intersections = [main], []
-    # cross streets on straight pieces, the first one soon after the ego's start
-    s = rng.uniform(25, 60)
-    while s < main.length - 40 and len(roads) < 4:
+    # cross streets on straight pieces, behind and ahead of the ego's start
+    s = rng.uniform(20, 60)
+    while s < main.length - 40 and len(roads) < 5:
         off = np.searchsorted(main._offsets, s, side="right") - 1
         piece = main.pieces[min(off, len(main.pieces) - 1)]
         if isinstance(piece, Line):
@@ -256,12 +257,12 @@ def _scenery(rng, roads):
                 x, y, _ = road.pose(np.array([s]), lx)
                 if _outside_all(roads, x, y, 1.5, skip=k)[0]:
                     if rng.random() < 0.6:     # tree: trunk + porous crown
-                        th = rng.uniform(2.0, 3.5)
+                        th = rng.uniform(2.6, 4.0)      # crown bottom >= ~2 m
                         cr = rng.uniform(1.2, 2.6)
                         parts.append(shapes.cylinders([(x[0], y[0], 0.0, th + 0.3 * cr,
                                                         rng.uniform(0.12, 0.28))],
                                                       0.12, S["trunk"]))
-                        parts.append(shapes.spheres([(x[0], y[0], th + 0.7 * cr, cr)], 0.25,
+                        parts.append(shapes.spheres([(x[0], y[0], th + 0.8 * cr, cr)], 0.25,
                                                     S["vegetation"], poro=0.35))
                     else:                      # pole: street light or sign
                         x2, y2, _ = road.pose(np.array([s]), side * (hw + 0.3))
@@ -393,7 +394,7 @@ def generate_scene(seed: int, duration: float = 5.0, density: float = 1.0) -> Sc
     """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 4]))
     ego_speed = rng.uniform(6.0, 12.0)
-    ego_s0 = rng.uniform(15.0, 70.0)
+    ego_s0 = LEAD_IN + rng.uniform(15.0, 70.0)   # road continues well behind the ego
     roads, intersections = _network(rng, ego_s0 + ego_speed * duration + 140.0)
     main = roads[0]
     placer = _Placer(roads, duration)
