@@ -57,11 +57,12 @@ def cloud_buffer(frame: Frame, layout: str, stamp_ns: int = 0):
         extra = {"ring": frame.ring, "time": frame.time} if layout == "velodyne" else None
         return encode(pts, layout, extra=extra)
     if layout == "hesai":
-        return encode(pts, layout, extra={"ring": frame.ring,
-                                          "timestamp": stamp_ns * 1e-9 + frame.time.astype(np.float64)})
+        stamps = stamp_ns * 1e-9 + frame.time.astype(np.float64)      # absolute [s]
+        return encode(pts, layout, extra={"ring": frame.ring, "timestamp": stamps})
     if layout == "livox":
         return encode(pts, layout, extra={
-            "line": (frame.ring.astype(np.int64) * 4 // lidar.beams).astype(np.uint8), "tag": np.zeros(len(pts), np.uint8),
+            "line": (frame.ring.astype(np.int64) * 4 // lidar.beams).astype(np.uint8),
+            "tag": np.zeros(len(pts), np.uint8),
             "timestamp": stamp_ns + frame.time.astype(np.float64) * 1e9})
     if layout == "ouster":
         B, W = lidar.shape
@@ -190,7 +191,8 @@ def write_scene(scene: Scene, lidar: LidarModel, out_dir, *, frames: int, layout
                 scene_index: int = 0, progress=None) -> Path:
     """Render ``frames`` frames of ``scene`` and write bag, map and ground truth under
     ``out_dir`` (created; must not hold a bag yet). ``progress`` is called once per frame."""
-    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+    from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness,
+                                    QosReliability, QosTime)
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     from .frames import render_frame

@@ -83,7 +83,8 @@ def _make(name, elevations_deg, **kw) -> LidarModel:
     el = _deg(elevations_deg)
     ring_order = kw.pop("ring_order", "bottom_up")
     el = np.sort(el) if ring_order == "bottom_up" else np.sort(el)[::-1]
-    return LidarModel(name=name, elevations=tuple(float(e) for e in el), ring_order=ring_order, **kw)
+    return LidarModel(name=name, elevations=tuple(float(e) for e in el), ring_order=ring_order,
+                      **kw)
 
 
 #: Sensor presets by name. ``columns`` is the azimuth count per revolution at 10 Hz.

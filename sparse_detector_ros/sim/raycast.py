@@ -109,7 +109,8 @@ class Primitives:
         """(cx, cy, bounding radius, z_low, z_high) per primitive of one kind."""
         if kind == "box":
             a = self.box
-            return a[:, 0], a[:, 1], np.hypot(a[:, 3], a[:, 4]), a[:, 2] - a[:, 5], a[:, 2] + a[:, 5]
+            rad = np.hypot(a[:, 3], a[:, 4])
+            return a[:, 0], a[:, 1], rad, a[:, 2] - a[:, 5], a[:, 2] + a[:, 5]
         if kind == "cyl":
             a = self.cyl
             return a[:, 0], a[:, 1], a[:, 4], a[:, 2], a[:, 3]
@@ -338,7 +339,8 @@ def surface_distance(prims: Primitives, ground_z: float, points: np.ndarray,
             best = np.minimum(best, np.abs(sd).min(1))
         if len(prims.cyl):
             cy = prims.cyl
-            dr = np.hypot(q[:, None, 0] - cy[None, :, 0], q[:, None, 1] - cy[None, :, 1]) - cy[None, :, 4]
+            dr = (np.hypot(q[:, None, 0] - cy[None, :, 0], q[:, None, 1] - cy[None, :, 1])
+                  - cy[None, :, 4])
             mid, half = (cy[:, 2] + cy[:, 3]) / 2, (cy[:, 3] - cy[:, 2]) / 2
             dz = np.abs(q[:, None, 2] - mid[None]) - half[None]
             d = np.stack([dr, dz], -1)

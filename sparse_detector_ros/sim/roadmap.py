@@ -109,7 +109,8 @@ class RoadMap:
                 win, X, Y, s, l, out = windows[k]
                 s_c = isec["s"][0] if k == isec["roads"][0] else isec["s"][1]
                 ds = np.abs(s - s_c)
-                band = (ds > other.half_width + 0.8) & (ds < other.half_width + other.sidewalk_width - 0.3)
+                band = ((ds > other.half_width + 0.8)
+                        & (ds < other.half_width + other.sidewalk_width - 0.3))
                 zebra = band & (out <= 0) & ((np.abs(l) % 1.0) < 0.5)
                 mark_mask[win] |= zebra
         surf[walk_mask] = SURFACE["sidewalk"]

@@ -20,7 +20,8 @@ def boxes(specs, refl, surf, owner=STATIC, poro=None) -> Primitives:
     p.box_refl = np.broadcast_to(np.asarray(refl, float), (n,)).copy()
     p.box_owner = np.full(n, owner, np.int32)
     p.box_surf = np.broadcast_to(np.asarray(surf, np.int8), (n,)).copy()
-    p.box_poro = np.zeros(n) if poro is None else np.broadcast_to(np.asarray(poro, float), (n,)).copy()
+    poro = 0.0 if poro is None else poro
+    p.box_poro = np.broadcast_to(np.asarray(poro, float), (n,)).copy()
     return p
 
 

@@ -183,11 +183,6 @@ def _network(rng, need_length):
     return roads, intersections
 
 
-def _clearances(roads, x, y):
-    """Per road: how far (x, y) is outside its carriageway (<= 0 inside). (R, ...)"""
-    return np.stack([r.carriageway_distance(x, y) for r in roads])
-
-
 def _outside_all(roads, x, y, margin_sidewalk=0.0, skip=None):
     """True where the points keep ``margin_sidewalk`` metres clear of every road's sidewalk
     outer edge (negative margins let them into sidewalks); ``skip`` exempts one road."""
@@ -242,8 +237,9 @@ def _scenery(rng, roads):
                                                     0.22, S["vegetation"], poro=0.3))
                 if spec is not None:
                     cxl, cyl = x - lc * np.sin(h), y + lc * np.cos(h)
-                    gx, gy = np.meshgrid(np.linspace(spec[0], spec[1], max(2, int(f / 2.5) + 2)),
-                                         np.linspace(spec[2], spec[3], max(2, int((spec[3] - spec[2]) / 2.5) + 2)))
+                    depth_ = spec[3] - spec[2]
+                    gx, gy = np.meshgrid(np.linspace(spec[0], spec[1], int(f / 2.5) + 2),
+                                         np.linspace(spec[2], spec[3], int(depth_ / 2.5) + 2))
                     c, si = np.cos(h), np.sin(h)
                     wx, wy = cxl + c * gx - si * gy, cyl + si * gx + c * gy
                     if np.all(_outside_all(roads, wx, wy, 0.15)):
@@ -275,7 +271,7 @@ def _scenery(rng, roads):
 
 # ----------------------------------------------------------------------------- actors
 
-def _actors(rng, roads, intersections, placer, ego_road_lane, density):
+def _actors(rng, roads, intersections, placer, density):
     actors = []
     paint = lambda: float(rng.choice([rng.uniform(0.06, 0.15), rng.uniform(0.15, 0.6)]))
 
@@ -402,7 +398,7 @@ def generate_scene(seed: int, duration: float = 5.0, density: float = 1.0) -> Sc
                 -main.lane_width / 2, v_s=ego_speed, discs=_discs(4.7, 1.9, 0.6))
     placer.try_add(ego)
     static = _scenery(rng, roads)
-    actors = _actors(rng, roads, intersections, placer, None, density)
+    actors = _actors(rng, roads, intersections, placer, density)
     xs, ys = [], []
     for r in roads:
         x, y, _, _ = r.sample(2.0)
