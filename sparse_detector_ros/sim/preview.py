@@ -28,8 +28,11 @@ def box_corners(boxes) -> np.ndarray:
 
 
 def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
-                   zoom: float = 28.0, dpi: int = 110) -> None:
-    """Save a two-panel BEV (whole neighbourhood, close-up) of ``frame`` to ``path``."""
+                   zoom: float = 28.0, dpi: int = 140) -> None:
+    """Save a two-panel BEV (whole neighbourhood, close-up) of ``frame`` to ``path``, in the
+    ``map`` frame around the ego: road map (road dark grey, sidewalks light), ground returns
+    grey, scenery returns coloured by height, object returns black, ground-truth boxes by
+    class (dotted: no points)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,6 +49,7 @@ def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
     wx, wy = _to_world(frame, frame.points[:, :2])
     z = frame.points[:, 2]
     ground = frame.owner == -2
+    actor = frame.owner >= 0          # returns from cars, pedestrians, cyclists: black
     corners = box_corners(frame.boxes)
     ex, ey, _, eyaw = frame.ego_pose
 
@@ -54,9 +58,11 @@ def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
         ax.imshow(colour, origin="lower", extent=extent, interpolation="nearest")
         ax.scatter(wx[ground], wy[ground], s=size * 0.35, c="#4a4a55", linewidths=0,
                    rasterized=True)
-        sc = ax.scatter(wx[~ground], wy[~ground], s=size, c=z[~ground], cmap="turbo",
+        scenery = ~ground & ~actor
+        sc = ax.scatter(wx[scenery], wy[scenery], s=size, c=z[scenery], cmap="turbo",
                         vmin=-frame.lidar.mount_height, vmax=3.0, linewidths=0,
                         rasterized=True)
+        ax.scatter(wx[actor], wy[actor], s=size * 1.3, c="k", linewidths=0, rasterized=True)
         for k in range(len(frame.boxes)):
             cw = np.stack(_to_world(frame, corners[k]), axis=1)
             col = CLASS_COLORS.get(str(frame.labels[k]), "k")
@@ -75,7 +81,7 @@ def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
     cars = int(np.sum(frame.labels == "car"))
     axes[0].set_title(f"scene {scene.seed} frame {frame.index}: {len(frame.points)} points, "
                       f"{len(frame.boxes)} objects ({cars} cars) - {frame.lidar.name}")
-    axes[1].set_title("close-up: only faces towards the sensor are hit; shadows behind")
+    axes[1].set_title("close-up (object returns in black): near faces only, shadows behind")
     fig.colorbar(sc, ax=axes, shrink=0.7, label="z in sensor frame [m]")
     handles = [plt.Line2D([], [], color=c, label=n) for n, c in CLASS_COLORS.items()]
     axes[0].legend(handles=handles, loc="upper right", fontsize=8)
