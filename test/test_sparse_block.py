@@ -267,3 +267,28 @@ def test_tile_mask():
     assert tm.shape == (2, 1, 10, 7)
     assert tm[0, 0, :4, 4:].eq(1).all() and tm[0].sum() == 4 * 3
     assert tm[1, 0, 8:, :4].eq(1).all() and tm[1].sum() == 2 * 4
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "dilated"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("B", [4, 8])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_chunked_tiles_equal_reference(kind, inplace, B, channels_last):
+    """Tiny chunks (1-3 tiles): in place, a chunk's result must not be added into x before
+    the tiles whose halo reads it (up to ceil(h / B) tile rows later) have been gathered."""
+    torch.manual_seed(7)
+    C, H, W = 4, 29, 35
+    branch = randomize_bn(BRANCHES[kind](C), 8)
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(2, C, H, W, generator=g)
+    mask = (torch.rand(2, H, W, generator=g) > 0.97).float()
+    ref = dense_oracle(branch, x, mask, B)
+    hy, hx = receptive_halo(branch)
+    per_tile = C * (B + 2 * hy) * (B + 2 * hx) * 4
+    for tiles_per_chunk in (1, 3):
+        block = SparseResidualBlock(branch, B, dense_crossover=1.0,
+                                    chunk_bytes=per_tile * tiles_per_chunk).eval()
+        xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x.clone()
+        with torch.no_grad():
+            out = block(xin, mask, inplace=inplace)
+        torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)

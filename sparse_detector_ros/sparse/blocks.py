@@ -48,6 +48,12 @@ from .torch_backend import grid_shape
 __all__ = ["SparseResidualBlock", "basic_branch", "bottleneck_branch", "fold_bn",
            "receptive_halo", "tile_mask"]
 
+# Tiles are processed in chunks whose gathered stack fits this budget on CPU: the chunk's
+# activations stay in cache and allocations stay small (large fresh allocations page-fault).
+# Measured (512x512, B=16, 100 % active, 2 threads): one batch of all tiles 99 / 166 / 393 ms,
+# chunks of 128 tiles 36 / 95 / 227 ms for 32 / 64 / 128 channels.
+_CPU_CHUNK_BYTES = 8 << 20
+
 _POINTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Identity,
               nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU)
 
@@ -169,6 +175,9 @@ class SparseResidualBlock(nn.Module):
             ``sparse.pooling``; see :func:`~sparse_detector_ros.sparse.reduce_mask`).
         dense_crossover: above this active-tile fraction the dense branch runs instead.
         backend: ``auto`` | ``cupy`` | ``torch`` for reduce_mask / gather / scatter.
+        chunk_bytes: tiles are gathered, convolved and scattered in chunks of at most this
+            many bytes of gathered input (``"auto"``: 8 MiB on CPU, one chunk on GPU;
+            ``None``: one chunk). Results do not depend on it.
 
     ``forward(x, mask, inplace=False)``: ``x`` is ``(N, C, H, W)`` (channels_last storage is
     fastest), ``mask`` ``(N, H, W)`` or ``(N, 1, H, W)`` at the same resolution. With
@@ -177,7 +186,8 @@ class SparseResidualBlock(nn.Module):
     """
 
     def __init__(self, branch: nn.Sequential, tile_size: int = 16, threshold: float = 0.0,
-                 pooling: str = "max", dense_crossover: float = 0.6, backend: str = "auto"):
+                 pooling: str = "max", dense_crossover: float = 0.6, backend: str = "auto",
+                 chunk_bytes: int | str | None = "auto"):
         super().__init__()
         _check_branch(branch)
         if tile_size < 1:
@@ -191,6 +201,7 @@ class SparseResidualBlock(nn.Module):
         self.dense_crossover = float(dense_crossover)
         self.backend = backend
         self.halo = receptive_halo(branch)
+        self.chunk_bytes = chunk_bytes
         self.last_active_fraction: float | None = None
         self.last_path: str | None = None
 
@@ -253,6 +264,16 @@ class SparseResidualBlock(nn.Module):
             return x.add_(y)
         return y.add_(x) if not y.requires_grad else y + x
 
+    def _chunk_tiles(self, x: torch.Tensor, k: int) -> int:
+        """Tiles per chunk: the gathered stack of a chunk stays within ``chunk_bytes``."""
+        if self.chunk_bytes is None or (self.chunk_bytes == "auto" and x.device.type != "cpu"):
+            return max(1, k)
+        budget = _CPU_CHUNK_BYTES if self.chunk_bytes == "auto" else int(self.chunk_bytes)
+        hy, hx = self.halo
+        B = self.tile_size
+        per_tile = x.shape[1] * (B + 2 * hy) * (B + 2 * hx) * x.element_size()
+        return max(16 if self.chunk_bytes == "auto" else 1, budget // max(1, per_tile))
+
     def _sparse(self, x, idx, k, inplace):
         base = x if inplace else x.clone()
         if k == 0:
@@ -264,17 +285,42 @@ class SparseResidualBlock(nn.Module):
         tile, off = (B + 2 * hy, B + 2 * hx), (-hy, -hx)
         xn = x.permute(0, 2, 3, 1)
         nhwc = xn.is_contiguous() and not x.is_contiguous()
-        if nhwc:
-            t = be.gather(xn, idx, tile, B, off, "NHWC").permute(0, 3, 1, 2)  # channels_last
-        else:
-            t = be.gather(x, idx, tile, B, off, "NCHW")
-            t = t.contiguous(memory_format=torch.channels_last)
-        y = self._branch_valid(t, idx, H, W)
-        if nhwc:
-            be.scatter(y.permute(0, 2, 3, 1), idx, base.permute(0, 2, 3, 1), B, 0, add=True,
-                       inplace=True, layout="NHWC")
-        else:
-            be.scatter(y.contiguous(), idx, base, B, 0, add=True, inplace=True, layout="NCHW")
+        src_n = xn if nhwc else x
+        dst = base.permute(0, 2, 3, 1) if nhwc else base
+
+        def scatter(i, y):
+            if nhwc:
+                be.scatter(y.permute(0, 2, 3, 1), i, dst, B, 0, add=True, inplace=True,
+                           layout="NHWC")
+            else:
+                be.scatter(y.contiguous(), i, dst, B, 0, add=True, inplace=True,
+                           layout="NCHW")
+
+        chunk = self._chunk_tiles(x, k)
+        if inplace and chunk < k:
+            # A tile's halo reaches `reach` tile rows up and down; with tiles in lexicographic
+            # order, a finished chunk may be added into x only once every tile within `reach`
+            # rows after its last tile has been gathered (they read x's original values).
+            reach = -(-max(hy, hx) // B) if max(hy, hx) else 0
+            keys = idx[:, :2].to("cpu", torch.int64).tolist()
+        pending: list = []
+        for s in range(0, k, chunk):
+            i = idx[s:s + chunk]
+            if nhwc:
+                t = be.gather(src_n, i, tile, B, off, "NHWC").permute(0, 3, 1, 2)
+            else:
+                t = be.gather(src_n, i, tile, B, off, "NCHW")
+                t = t.contiguous(memory_format=torch.channels_last)
+            y = self._branch_valid(t, i, H, W)
+            if not inplace or chunk >= k:
+                scatter(i, y)
+                continue
+            pending.append((keys[min(s + chunk, k) - 1], i, y))
+            nxt = keys[s + chunk] if s + chunk < k else None
+            while pending and (nxt is None or nxt[0] > pending[0][0][0]
+                               or nxt[1] - pending[0][0][1] > reach):
+                _, pi, py = pending.pop(0)
+                scatter(pi, py)
         return base
 
     def _branch_valid(self, t: torch.Tensor, idx: torch.Tensor, H: int, W: int) -> torch.Tensor:
