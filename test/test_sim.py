@@ -299,6 +299,23 @@ def test_road_map_follows_the_nav2_map_server_format(tmp_path, scene):
     assert rm.drivable.mean() > 0.03
 
 
+def test_map_resampled_into_the_sensor_frame_matches_the_points(scene, frame):
+    from sparse_detector_ros.sim.roadmap import ROAD_VALUE, map_in_sensor_frame
+    rm = scene.roadmap()
+    pose = frame.ego_pose[[0, 1, 3]]
+    local = map_in_sensor_frame(rm.occupancy_image(), rm.origin, rm.resolution, pose,
+                                (-40.0, 40.0), (-20.0, 20.0), 0.5)
+    assert local.shape == (160, 80)
+    assert local[80, 40] == ROAD_VALUE                   # under the ego: road
+    # ground returns labelled road/marking fall on road cells of the resampled map
+    p = frame.points
+    on_road = np.isin(frame.surface, [SURFACE["road"], SURFACE["marking"]])
+    sel = on_road & (np.abs(p[:, 0]) < 39) & (np.abs(p[:, 1]) < 19)
+    i = ((p[sel, 0] + 40.0) / 0.5).astype(int)
+    j = ((p[sel, 1] + 20.0) / 0.5).astype(int)
+    assert np.mean(local[i, j] == ROAD_VALUE) > 0.97     # (cell edges differ by < 0.5 m)
+
+
 # ----------------------------------------------------------------------------- export
 
 @pytest.mark.parametrize("layout", ["velodyne", "ouster", "livox"])

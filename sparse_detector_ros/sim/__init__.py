@@ -9,9 +9,9 @@ ROS-free (numpy; torch only for :mod:`.dataset`; ``rosbags`` only for :mod:`.exp
 """
 from .frames import Frame, count_points_in_boxes, points_in_boxes, render_frame
 from .lidar import DEFAULT_PRESET, PRESETS, LidarModel, get_lidar
-from .roadmap import RoadMap, load_map
+from .roadmap import RoadMap, load_map, map_in_sensor_frame
 from .world import CLASSES, FRAME_RATE, Actor, Scene, generate_scene
 
 __all__ = ["Frame", "render_frame", "points_in_boxes", "count_points_in_boxes", "LidarModel",
-           "PRESETS", "DEFAULT_PRESET", "get_lidar", "RoadMap", "load_map", "CLASSES",
+           "PRESETS", "DEFAULT_PRESET", "get_lidar", "RoadMap", "load_map", "map_in_sensor_frame", "CLASSES",
            "FRAME_RATE", "Actor", "Scene", "generate_scene"]

@@ -157,3 +157,28 @@ def load_map(yaml_path) -> tuple[np.ndarray, dict]:
     occ[p > meta["occupied_thresh"]] = 100
     occ[p < meta["free_thresh"]] = 0
     return occ[::-1].copy(), meta
+
+
+def map_in_sensor_frame(image: np.ndarray, origin, resolution: float, sensor_pose,
+                        x_range=(-51.2, 51.2), y_range=(-51.2, 51.2), cell: float = 0.4
+                        ) -> np.ndarray:
+    """Resample a map image (project row order: row 0 = smallest y, e.g. a dataset item's
+    ``map["image"]`` or :meth:`RoadMap.occupancy_image`) onto a BEV grid of the sensor frame.
+
+    ``sensor_pose`` = (x, y, yaw) of the sensor in ``map`` (``Frame.ego_pose[[0, 1, 3]]``:
+    the lidar sits straight above base_link). Returns ``(H, W)`` of the image's dtype with
+    row ``i`` = x index and column ``j`` = y index (as ``bev.py``), cell centres at
+    ``x_min + (i + 0.5) cell``; cells outside the map are 0 (occupied)."""
+    img = np.asarray(image)
+    xs = x_range[0] + (np.arange(int(round((x_range[1] - x_range[0]) / cell))) + 0.5) * cell
+    ys = y_range[0] + (np.arange(int(round((y_range[1] - y_range[0]) / cell))) + 0.5) * cell
+    X, Y = np.meshgrid(xs, ys, indexing="ij")
+    px, py, yaw = (float(v) for v in sensor_pose)
+    c, s = np.cos(yaw), np.sin(yaw)
+    col = np.floor((px + c * X - s * Y - origin[0]) / resolution).astype(np.int64)
+    row = np.floor((py + s * X + c * Y - origin[1]) / resolution).astype(np.int64)
+    H, W = img.shape[:2]
+    ok = (row >= 0) & (row < H) & (col >= 0) & (col < W)
+    out = np.zeros(X.shape, img.dtype)
+    out[ok] = img[row[ok], col[ok]]
+    return out
