@@ -45,7 +45,9 @@ def test_quick_bench_prints_json_rows():
     full = [r for r in data if r["target_active"] == 1.0]
     assert all(r["active"] == 1.0 and r["path"] == "dense" for r in full)
     kinds = {r.get("kind") for r in rows}
-    assert {"crossover", "dense_variants", "summary"} <= kinds
+    assert {"crossover", "dense_variants", "layout", "summary"} <= kinds
+    layout = next(r for r in rows if r.get("kind") == "layout")
+    assert set(layout["sparse_ms"]) == {"nchw", "channels_last"}
     summary = rows[-1]
     assert summary["kind"] == "summary" and summary["configs"][0]["size"] == 64
 

@@ -23,7 +23,8 @@ Dense and sparse are timed interleaved, repeat by repeat, and the minimum over `
 reported (robust to other processes sharing the CPU). After the rows come ``"crossover"`` rows:
 per size / channels / tile, the active fraction at which the forced sparse path stops beating
 dense (linear interpolation of the time ratio; ``1.0`` or more means it never stops), and a
-final ``"summary"`` row.
+``"layout"`` row per size / channels (the sparse block on an NCHW-stored vs a
+channels_last-stored map, and the dense variants) and a final ``"summary"`` row.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def add_arguments(parser) -> None:
                         default=["nchw", "channels_last", "mkldnn"],
                         choices=("nchw", "channels_last", "mkldnn"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-layout-check", dest="layout_check", action="store_false",
+                        help="skip the NCHW vs channels_last comparison rows")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: one small map, 16 channels, 2 tiles, 2 fractions, "
                              "1 repeat")
@@ -259,6 +262,25 @@ def run(args) -> int:
                         emit(row)
                         per_tile.setdefault(B, []).append((active, forced_ms / dense_ms))
                         best_rows.append(row)
+                # layout: the same block on an NCHW-stored vs a channels_last-stored map
+                if args.layout_check:
+                    B = 16 if 16 in args.tiles else args.tiles[0]
+                    frac = 0.1 if 0.1 in args.fractions else args.fractions[0]
+                    forced.tile_size = B
+                    mask = bev_mask(size, size, B, frac, args.seed + B)
+                    x_nchw = x0.contiguous()
+                    lt = {"nchw": [], "channels_last": []}
+                    for rep in range(args.warmup + max(1, args.repeats)):
+                        a = _timer(lambda xi: forced(xi, mask, inplace=True), x_nchw.clone)
+                        b = _timer(lambda xi: forced(xi, mask, inplace=True), x_cl.clone)
+                        if rep >= args.warmup:
+                            lt["nchw"].append(a)
+                            lt["channels_last"].append(b)
+                    emit({"bench": "sparse", "kind": "layout", "size": size, "channels": C,
+                          "tile": B, "target_active": frac,
+                          "sparse_ms": {k: round(min(v), 3) for k, v in lt.items()},
+                          "dense_ms": {k: round(v, 3) for k, v in vt.items()
+                                       if k in ("nchw", "channels_last")}})
                 for B, pts in per_tile.items():
                     c = _crossover(pts)
                     r = {"bench": "sparse", "kind": "crossover", "size": size, "channels": C,
