@@ -13,5 +13,5 @@ from .roadmap import RoadMap, load_map, map_in_sensor_frame
 from .world import CLASSES, FRAME_RATE, Actor, Scene, generate_scene
 
 __all__ = ["Frame", "render_frame", "points_in_boxes", "count_points_in_boxes", "LidarModel",
-           "PRESETS", "DEFAULT_PRESET", "get_lidar", "RoadMap", "load_map", "map_in_sensor_frame", "CLASSES",
-           "FRAME_RATE", "Actor", "Scene", "generate_scene"]
+           "PRESETS", "DEFAULT_PRESET", "get_lidar", "RoadMap", "load_map",
+           "map_in_sensor_frame", "CLASSES", "FRAME_RATE", "Actor", "Scene", "generate_scene"]

@@ -116,6 +116,8 @@ class _Placer:
         self.times = np.linspace(0.0, duration, max(1, int(np.ceil(duration / 0.2)) + 1))
         self.centres = np.zeros((0, len(self.times), 2))   # all discs of all actors
         self.radii = np.zeros(0)
+        self.lo = np.zeros((0, 2))      # swept bounding box of each disc
+        self.hi = np.zeros((0, 2))
 
     def _world_discs(self, actor):
         x, y, yaw = actor.pose(self.roads, self.times)
@@ -127,13 +129,20 @@ class _Placer:
 
     def try_add(self, actor) -> bool:
         cen, rad = self._world_discs(actor)
+        lo = (cen - rad[:, None, None]).min(axis=(0, 1))
+        hi = (cen + rad[:, None, None]).max(axis=(0, 1))
         if len(self.radii):
-            diff = cen[:, None, :, :] - self.centres[None, :, :, :]
-            dist = np.sqrt((diff ** 2).sum(-1))                       # (n_new, n_old, T)
-            if np.any(dist < (rad[:, None] + self.radii[None, :])[..., None]):
-                return False
+            # only discs whose swept bounding box meets this actor's need the full check
+            near = np.all((self.lo <= hi) & (self.hi >= lo), axis=1)
+            if near.any():
+                diff = cen[:, None, :, :] - self.centres[None, near, :, :]
+                dist = np.sqrt((diff ** 2).sum(-1))                   # (n_new, n_near, T)
+                if np.any(dist < (rad[:, None] + self.radii[None, near])[..., None]):
+                    return False
         self.centres = np.concatenate([self.centres, cen])
         self.radii = np.concatenate([self.radii, rad])
+        self.lo = np.concatenate([self.lo, (cen - rad[:, None, None]).min(axis=1)])
+        self.hi = np.concatenate([self.hi, (cen + rad[:, None, None]).max(axis=1)])
         return True
 
 
