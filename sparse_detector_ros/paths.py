@@ -8,10 +8,15 @@ from pathlib import Path
 PACKAGE = "sparse_detector_ros"
 
 
-def share_dirs() -> list[Path]:
-    """Candidate roots, most specific first: the source tree, ament's share directory for the
-    package, then ``sys.prefix/share/sparse_detector_ros``."""
-    dirs = [Path(__file__).resolve().parents[1]]
+def source_root() -> Path:
+    """Root of a source checkout (or an editable install): the folder above this package."""
+    return Path(__file__).resolve().parents[1]
+
+
+def installed_share_dirs() -> list[Path]:
+    """``share/sparse_detector_ros`` of an install: ament's share directory when
+    ``ament_index_python`` knows the package, then ``sys.prefix/share/sparse_detector_ros``."""
+    dirs = []
     try:
         from ament_index_python.packages import get_package_share_directory
         dirs.append(Path(get_package_share_directory(PACKAGE)))
@@ -19,6 +24,11 @@ def share_dirs() -> list[Path]:
         pass
     dirs.append(Path(sys.prefix) / "share" / PACKAGE)
     return dirs
+
+
+def share_dirs() -> list[Path]:
+    """Candidate roots, most specific first: the source tree, then the installed ones."""
+    return [source_root(), *installed_share_dirs()]
 
 
 def find_share_file(relative: str) -> Path:

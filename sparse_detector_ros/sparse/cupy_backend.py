@@ -29,7 +29,6 @@ this glue are tested without a GPU.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,10 +36,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .. import paths
+
 __all__ = ["reduce_mask", "gather", "scatter", "available", "kernel_dir", "KERNELS",
            "NVRTC_OPTIONS", "nvrtc_compile_options", "launch_dims"]
 
-PACKAGE = "sparse_detector_ros"
+PACKAGE = paths.PACKAGE
 
 #: Options this backend passes to ``cupy.RawModule(options=...)`` (NVRTC).
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
@@ -88,22 +89,13 @@ def launch_dims(total: int, threads: int = THREADS, max_blocks: int = MAX_BLOCKS
 # --------------------------------------------------------------------------------------------
 
 def _source_kernel_dir() -> Path:
-    """``kernels/`` of a source checkout (or an editable install): two levels above this
-    package."""
-    return Path(__file__).resolve().parents[2] / "kernels"
+    """``kernels/`` of a source checkout (or an editable install)."""
+    return paths.source_root() / "kernels"
 
 
 def _installed_kernel_dirs() -> list[Path]:
-    """``share/sparse_detector_ros/kernels`` of an install: ament's share directory when
-    ``ament_index_python`` knows the package, then ``sys.prefix/share/...``."""
-    dirs = []
-    try:
-        from ament_index_python.packages import get_package_share_directory
-        dirs.append(Path(get_package_share_directory(PACKAGE)) / "kernels")
-    except Exception:  # not installed with ament, or no ament_index_python at all
-        pass
-    dirs.append(Path(sys.prefix) / "share" / PACKAGE / "kernels")
-    return dirs
+    """``share/sparse_detector_ros/kernels`` of an install (ament share, then sys.prefix)."""
+    return [d / "kernels" for d in paths.installed_share_dirs()]
 
 
 def kernel_dir() -> Path:
