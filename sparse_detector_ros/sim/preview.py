@@ -79,9 +79,10 @@ def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
         ax.set_xlabel("x [m] (map)")
         ax.set_ylabel("y [m] (map)")
     cars = int(np.sum(frame.labels == "car"))
-    axes[0].set_title(f"scene {scene.seed} frame {frame.index}: {len(frame.points)} points, "
-                      f"{len(frame.boxes)} objects ({cars} cars) - {frame.lidar.name}")
-    axes[1].set_title("close-up (object returns in black): near faces only, shadows behind")
+    axes[0].set_title(f"scene {scene.seed} frame {frame.index}: {len(frame.points)} points,\n"
+                      f"{len(frame.boxes)} objects ({cars} cars), {frame.lidar.name}", fontsize=10)
+    axes[1].set_title("close-up, object returns in black:\nnear faces only, shadows behind",
+                      fontsize=10)
     fig.colorbar(sc, ax=axes, shrink=0.7, label="z in sensor frame [m]")
     handles = [plt.Line2D([], [], color=c, label=n) for n, c in CLASS_COLORS.items()]
     axes[0].legend(handles=handles, loc="upper right", fontsize=8)
