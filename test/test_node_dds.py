@@ -109,3 +109,15 @@ def test_bad_choice_parameter_stops_startup():
         proc.close()
     assert code != 0
     assert "node.qos_reliability" in log and "sometimes" in log, log
+
+
+def test_demo_command_runs_end_to_end():
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "sparse-detector"
+    out = subprocess.run([str(exe), "demo", "--frames", "5", "--lidar", "vlp16"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"frames_processed": "5"' in out.stdout or '"frames_dropped"' in out.stdout
+    assert "node stopped with exit code 0" in out.stdout

@@ -1,5 +1,6 @@
-"""``sparse-detector demo``: start the node, stream synthetic LiDAR into it over DDS (loopback,
-own domain), print its diagnostics, stop it with Ctrl-C (SIGINT) and report its exit code.
+"""``sparse-detector demo``: start the node, stream a drive through the built-in synthetic LiDAR
+world into it over DDS (loopback, own domain) at the sensor's rate, print its diagnostics, stop
+it with Ctrl-C (SIGINT) and report its exit code.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import time
 def add_arguments(parser) -> None:
     parser.add_argument("--frames", type=int, default=20, help="clouds to send (default 20)")
     parser.add_argument("--rate", type=float, default=10.0, help="send rate [Hz] (default 10)")
-    parser.add_argument("--points", type=int, default=120_000, help="points per cloud")
-    parser.add_argument("--layout", default="velodyne", help="driver field layout")
+    parser.add_argument("--lidar", default="hdl64e", help="simulated LiDAR preset")
+    parser.add_argument("--layout", default="velodyne",
+                        help="driver field layout: velodyne, ouster, livox, hesai, xyzi")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic scene seed")
     parser.add_argument("--params-file", default=None,
                         help="ROS parameter file (default: the package's config)")
     parser.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID to use")
@@ -23,8 +26,8 @@ def run(args) -> int:
     local_dds_env(args.domain_id)  # before rclpy starts
 
     from ..paths import find_share_file
-    from ..pointcloud import encode
-    from .bench_decode import synthetic_scan
+    from ..sim import generate_scene, get_lidar, render_frame
+    from ..sim.export import cloud_buffer
     from .node_client import NodeProcess, Probe
 
     params_file = args.params_file or find_share_file("config/sparse_detector.yaml")
@@ -35,10 +38,14 @@ def run(args) -> int:
         if not probe.wait_for_subscriber(60):
             print(node.log())
             raise SystemExit("demo: the node did not subscribe to input/points")
-        print(f"demo: sending {args.frames} clouds of {args.points} points "
-              f"({args.layout} layout) at {args.rate} Hz", flush=True)
-        clouds = [encode(synthetic_scan(args.points, seed)[0], args.layout)
-                  for seed in range(min(args.frames, 5))]
+        lidar = get_lidar(args.lidar)
+        scene = generate_scene(args.seed, duration=args.frames / args.rate + 0.2)
+        frames = [render_frame(scene, lidar, i) for i in range(args.frames)]
+        clouds = [cloud_buffer(f, args.layout) for f in frames]
+        print(f"demo: sending {args.frames} clouds of a drive through synthetic scene "
+              f"{args.seed} ({lidar.name}, {args.layout} layout, "
+              f"{sum(len(f.points) for f in frames) // len(frames)} points on average) "
+              f"at {args.rate} Hz", flush=True)
         period = 1.0 / args.rate
         next_t = time.monotonic()
         for i in range(args.frames):
