@@ -119,5 +119,10 @@ def test_demo_command_runs_end_to_end():
     out = subprocess.run([str(exe), "demo", "--frames", "5", "--lidar", "vlp16"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert '"frames_processed": "5"' in out.stdout or '"frames_dropped"' in out.stdout
+    import json
+    tail = out.stdout.split("demo: final counters:")[1]
+    counters = json.loads(tail[:tail.index("}") + 1])
+    assert counters["frames_received"] == "5"
+    assert int(counters["frames_processed"]) + int(counters["frames_dropped"]) == 5
+    assert int(counters["frames_processed"]) >= 1 and counters["frames_rejected"] == "0"
     assert "node stopped with exit code 0" in out.stdout
