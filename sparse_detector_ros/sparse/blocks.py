@@ -328,28 +328,42 @@ class SparseResidualBlock(nn.Module):
         out-of-map cells of every conv input after the first."""
         B = self.tile_size
         hy, hx = self.halo
-        border = None  # (tile ids, (Kb, th, tw) in-map mask) of tiles crossing the map edge
-        ty = idx[:, 1].to(device=t.device, dtype=torch.int64)
-        tx = idx[:, 2].to(device=t.device, dtype=torch.int64)
-        rows = ty[:, None] * B - hy + torch.arange(B + 2 * hy, device=t.device)
-        cols = tx[:, None] * B - hx + torch.arange(B + 2 * hx, device=t.device)
-        vr = (rows >= 0) & (rows < H)
-        vc = (cols >= 0) & (cols < W)
-        cross = ~(vr.all(1) & vc.all(1))
-        if bool(cross.any()):
-            bid = torch.nonzero(cross).flatten()
-            border = (bid, (vr[bid][:, :, None] & vc[bid][:, None, :]))
+        bad_cache: dict = {}
+
+        def zero_outside(t, my, mx):
+            """Zero the cells of the (K, C, B+2my, B+2mx) stack that lie outside the map."""
+            key = (my, mx)
+            if key not in bad_cache:
+                ty = idx[:, 1].to(device=t.device, dtype=torch.int64)
+                tx = idx[:, 2].to(device=t.device, dtype=torch.int64)
+                rows = ty[:, None] * B - my + torch.arange(B + 2 * my, device=t.device)
+                cols = tx[:, None] * B - mx + torch.arange(B + 2 * mx, device=t.device)
+                vr = (rows >= 0) & (rows < H)
+                vc = (cols >= 0) & (cols < W)
+                if bool(vr.all()) and bool(vc.all()):
+                    bad_cache[key] = None
+                else:
+                    valid = vr[:, :, None] & vc[:, None, :]
+                    bad_cache[key] = (valid, torch.nonzero(~valid.reshape(-1)).flatten())
+            entry = bad_cache[key]
+            if entry is None:
+                return t
+            valid, bad = entry
+            rows = t.permute(0, 2, 3, 1)
+            if not t.requires_grad and rows.is_contiguous():
+                # channels_last: one row of C values per cell; zero just the bad rows
+                rows.view(-1, t.shape[1]).index_fill_(0, bad, 0)
+                return t
+            return t * valid[:, None].to(t.dtype)
+
         my, mx = hy, hx            # current margin of the stack around the B x B output tile
         first = True
         for m in self.branch:
             if isinstance(m, nn.Conv2d):
                 ky = m.dilation[0] * (m.kernel_size[0] - 1) // 2
                 kx = m.dilation[1] * (m.kernel_size[1] - 1) // 2
-                if not first and border is not None and (ky or kx):
-                    bid, valid = border
-                    v = valid[:, hy - my:hy + B + my, hx - mx:hx + B + mx]
-                    sub = t.index_select(0, bid) * v[:, None].to(t.dtype)
-                    t = t.index_copy(0, bid, sub) if t.requires_grad else t.index_copy_(0, bid, sub)
+                if not first and (ky or kx):
+                    t = zero_outside(t, my, mx)
                 t = F.conv2d(t, m.weight, m.bias, 1, 0, m.dilation, m.groups)
                 my, mx = my - ky, mx - kx
                 first = False

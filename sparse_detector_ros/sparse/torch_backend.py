@@ -232,10 +232,11 @@ def gather(x: torch.Tensor, indices: torch.Tensor, tile: IntPair, stride: IntPai
     flat, valid = _flat_index(indices, N, H, W, th, tw, sh, sw, oy, ox, x.device)
     if layout == "NHWC":
         # one contiguous C-vector per cell: a row gather
-        out = x.reshape(N * H * W, C).index_select(0, flat.reshape(-1)).view(K, th, tw, C)
-        if valid is not None:
-            out = out.masked_fill(~valid[..., None], 0)
-        return out
+        rows = x.reshape(N * H * W, C).index_select(0, flat.reshape(-1))
+        if valid is not None:   # zero the (few) out-of-map cells: clamped reads
+            bad = torch.nonzero(~valid.reshape(-1)).flatten()
+            rows = rows.index_fill(0, bad, 0) if rows.requires_grad else rows.index_fill_(0, bad, 0)
+        return rows.view(K, th, tw, C)
     # NCHW: element-wise gather on the flat tensor, index (K, C, th, tw)
     HW = H * W
     n_of = torch.div(flat, HW, rounding_mode="floor")
@@ -244,7 +245,8 @@ def gather(x: torch.Tensor, indices: torch.Tensor, tile: IntPair, stride: IntPai
     lin = (n_of[:, None] * C + ch) * HW + cell[:, None]
     out = x.contiguous().take(lin)
     if valid is not None:
-        out = out.masked_fill(~valid[:, None], 0)
+        inv = ~valid[:, None].expand(K, C, th, tw)
+        out = out.masked_fill(inv, 0) if out.requires_grad else out.masked_fill_(inv, 0)
     return out
 
 

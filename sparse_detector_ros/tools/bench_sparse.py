@@ -202,11 +202,13 @@ def run(args) -> int:
                 x0 = torch.randn(1, C, size, size, generator=g)
                 variants = _dense_variants(branch, x0, args.dense_variants)
                 # pick the fastest dense variant for this size / channel count
-                vt = {}
+                vt = {name: math.inf for name in variants}
                 for name, (fn, _) in variants.items():
                     for _ in range(args.warmup):
                         fn()
-                    vt[name] = min(_timer(fn) for _ in range(max(1, args.repeats)))
+                for _ in range(max(1, args.repeats)):      # round robin, min of each
+                    for name, (fn, _) in variants.items():
+                        vt[name] = min(vt[name], _timer(fn))
                 dname = min(vt, key=vt.get)
                 dense_fn = variants[dname][0]
                 block = SparseResidualBlock(branch, 8, dense_crossover=crossover,
