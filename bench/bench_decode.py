@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PointCloud2 decode + BEV rasterize benchmark; prints JSON (same as `sparse-detector bench decode`)."""
+"""PointCloud2 decode + BEV rasterize benchmark; prints JSON (as `sparse-detector bench decode`)."""
 import sys
 from pathlib import Path
 

@@ -67,7 +67,8 @@ class ParamSpec:
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"parameter '{self.name}' = {value!r} is not allowed: "
                               f"allowed {self.allowed()}")
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+        below = self.min is not None and value < self.min
+        if below or (self.max is not None and value > self.max):
             raise ConfigError(f"parameter '{self.name}' = {value!r} is out of range: "
                               f"allowed {self.allowed()}")
         return value

@@ -141,7 +141,8 @@ def decode(msg: Any) -> np.ndarray:
     ``point_step`` and unsupported datatypes.
     """
     if msg.is_bigendian:
-        raise CloudError("big_endian", "big-endian point clouds are not supported (is_bigendian = true)")
+        raise CloudError("big_endian",
+                         "big-endian point clouds are not supported (is_bigendian = true)")
     height, width = int(msg.height), int(msg.width)
     point_step, row_step = int(msg.point_step), int(msg.row_step)
     n = height * width
@@ -153,25 +154,26 @@ def decode(msg: Any) -> np.ndarray:
     wanted = [table[c] for c in "xyz"] + ([table["intensity"]] if "intensity" in table else [])
     for f in wanted:
         if f.datatype not in DATATYPES:
+            supported = ", ".join(f"{c}={s}" for c, s in _NAMES.items())
             raise CloudError("bad_datatype", f"field '{f.name}' has unsupported datatype "
-                             f"{f.datatype} "
-                             f"(supported: {', '.join(f'{c}={s}' for c, s in _NAMES.items())})")
+                             f"{f.datatype} (supported: {supported})")
         if f.name in "xyz" and f.datatype not in (FLOAT32, FLOAT64):
             raise CloudError("bad_datatype", f"field '{f.name}' has unsupported datatype "
                              f"{_NAMES[f.datatype]}: coordinates must be FLOAT32 or FLOAT64")
         end = f.offset + DATATYPES[f.datatype].itemsize * max(1, f.count)
         if f.offset < 0 or end > point_step:
-            raise CloudError("field_past_point_step", f"field '{f.name}' (offset {f.offset}, {_NAMES[f.datatype]}) runs "
-                             f"past point_step {point_step}")
+            raise CloudError("field_past_point_step",
+                             f"field '{f.name}' (offset {f.offset}, {_NAMES[f.datatype]}) "
+                             f"runs past point_step {point_step}")
     if n > 0 and row_step < width * point_step:
-        raise CloudError("bad_row_step", f"row_step {row_step} is smaller than width*point_step = "
-                         f"{width}*{point_step}")
+        raise CloudError("bad_row_step", f"row_step {row_step} is smaller than "
+                         f"width*point_step = {width}*{point_step}")
     buf = _as_uint8(msg.data)
     expected = row_step * height
     if buf.size != expected and not (n == 0 and buf.size == 0):  # empty data: fine when n == 0
-        raise CloudError("bad_length", f"data length {buf.size} does not match height*row_step = "
-                         f"{height}*{row_step} = {expected} (width {width}, point_step "
-                         f"{point_step})")
+        raise CloudError("bad_length", f"data length {buf.size} does not match "
+                         f"height*row_step = {height}*{row_step} = {expected} "
+                         f"(width {width}, point_step {point_step})")
     if n == 0:
         return np.zeros((0, 4), np.float32)
 
