@@ -19,8 +19,9 @@ For every map size, channel count, tile size and active fraction it prints one J
 * ``ideal = 1 / (active * ((B + 2h) / B)^2)`` (halo overhead included), ``efficiency =
   speedup / ideal``.
 
-Dense and sparse are timed interleaved, repeat by repeat, and the minimum over ``--repeats`` is
-reported (robust to other processes sharing the CPU). After the rows come ``"crossover"`` rows:
+Dense and sparse are timed interleaved, repeat by repeat, in an order rotated every repeat, each
+call on a freshly written copy of its input (the copy is not timed), and the minimum over
+``--repeats`` is reported (robust to other processes sharing the CPU). After the rows come ``"crossover"`` rows:
 per size / channels / tile, the active fraction at which the forced sparse path stops beating
 dense (linear interpolation of the time ratio; ``1.0`` or more means it never stops), and a
 ``"layout"`` row per size / channels (the sparse block on an NCHW-stored vs a
@@ -131,11 +132,11 @@ def _dense_variants(branch, x, names):
     if "nchw" in names:
         f = copy.deepcopy(folded)
         xi = x.contiguous()
-        out["nchw"] = (lambda xi=xi, f=f: f(xi).add_(xi), xi)
+        out["nchw"] = (lambda xi, f=f: f(xi).add_(xi), xi)
     if "channels_last" in names:
         f = copy.deepcopy(folded).to(memory_format=torch.channels_last)
         xi = x.contiguous(memory_format=torch.channels_last)
-        out["channels_last"] = (lambda xi=xi, f=f: f(xi).add_(xi), xi)
+        out["channels_last"] = (lambda xi, f=f: f(xi).add_(xi), xi)
     if "mkldnn" in names and torch.backends.mkldnn.is_available():
         try:
             import torch.utils.mkldnn as mk
@@ -143,7 +144,7 @@ def _dense_variants(branch, x, names):
             f = mk.to_mkldnn(copy.deepcopy(folded))
             xi = x.to_mkldnn()
             f(xi)
-            out["mkldnn"] = (lambda xi=xi, f=f: f(xi) + xi, xi)
+            out["mkldnn"] = (lambda xi, f=f: f(xi) + xi, xi)
         except (RuntimeError, NotImplementedError):
             pass
     return out
@@ -203,14 +204,14 @@ def run(args) -> int:
                 variants = _dense_variants(branch, x0, args.dense_variants)
                 # pick the fastest dense variant for this size / channel count
                 vt = {name: math.inf for name in variants}
-                for name, (fn, _) in variants.items():
+                for name, (fn, xi) in variants.items():
                     for _ in range(args.warmup):
-                        fn()
+                        fn(xi.clone())
                 for _ in range(max(1, args.repeats)):      # round robin, min of each
-                    for name, (fn, _) in variants.items():
-                        vt[name] = min(vt[name], _timer(fn))
+                    for name, (fn, xi) in variants.items():
+                        vt[name] = min(vt[name], _timer(fn, xi.clone))
                 dname = min(vt, key=vt.get)
-                dense_fn = variants[dname][0]
+                dense_fn, dense_x = variants[dname]
                 block = SparseResidualBlock(branch, 8, dense_crossover=crossover,
                                             backend="torch").fuse()
                 forced = SparseResidualBlock(branch, 8, dense_crossover=math.inf,
@@ -234,16 +235,19 @@ def run(args) -> int:
                         def run_forced(xi):
                             forced(xi, mask, inplace=True)
 
+                        jobs = [(dense_fn, dense_x.clone), (run_block, fresh),
+                                (run_forced, fresh)]
                         for _ in range(args.warmup):
-                            dense_fn()
-                            run_block(fresh())
-                            run_forced(fresh())
-                        td, tb, tf = [], [], []
-                        for _ in range(max(1, args.repeats)):   # interleaved
-                            td.append(_timer(dense_fn))
-                            tb.append(_timer(run_block, fresh))
-                            tf.append(_timer(run_forced, fresh))
-                        dense_ms, sparse_ms, forced_ms = min(td), min(tb), min(tf)
+                            for fn, setup in jobs:
+                                fn(setup())
+                        times: list[list[float]] = [[], [], []]
+                        for rep in range(max(1, args.repeats)):
+                            # interleaved, order rotated every repeat (no cache-order bias);
+                            # every call gets a freshly written copy of its input (untimed)
+                            for j in range(3):
+                                jj = (j + rep) % 3
+                                times[jj].append(_timer(jobs[jj][0], jobs[jj][1]))
+                        dense_ms, sparse_ms, forced_ms = (min(t) for t in times)
                         ideal = (1.0 / (active * ((B + 2 * hy) / B) ** 2)) if active > 0 \
                             else math.inf
                         speedup = dense_ms / sparse_ms
