@@ -114,12 +114,17 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
     th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
     N, H, W = mask.shape
     Ty, Tx = grid_shape((H, W), (sh, sw))
-    with torch.no_grad():
-        m = mask if mask.dtype == torch.float64 else mask.float()
+    m = mask.detach()
+    if m.dtype not in (torch.float32, torch.float64):
+        m = m.float()
+    if (pooling == "max" and oy == 0 and ox == 0 and th == sh and tw == sw
+            and H % th == 0 and W % tw == 0):
+        # common case (the block's output grid on a divisible map): one pooling call
+        pooled = F.max_pool2d(m.unsqueeze(1), (th, tw)).squeeze(1)
+    else:
         pooled = _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling)
-        active = pooled > threshold
-        indices = torch.nonzero(active).to(torch.int32)
-    return indices.reshape(-1, 3), int(indices.shape[0])
+    indices = torch.nonzero(pooled > threshold).to(torch.int32)
+    return indices, int(indices.shape[0])
 
 
 def _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling):
