@@ -19,13 +19,18 @@ Sparse path (SBNet, see :mod:`.torch_backend` for the geometry):
 Above ``dense_crossover`` active-tile fraction the block runs the dense branch instead and
 masks it (same result, see ``sparse-detector bench sparse`` for the measured crossover).
 
-Layout: channels_last. Measured on the project's 2-core CPU (AMD EPYC, torch 2.13 CPU, 2
-threads), the dense bottleneck block at 512x512 took 23.5 / 98.9 / 269 ms in channels_last
-against 65.5 / 190 / 436 ms in NCHW for 32 / 64 / 128 channels, and the same branch on a stack
-of 100 18x18 tiles 1.2 / 8.3 / 17.4 ms against 1.6 / 11.0 / 36.7 ms. So the block keeps its
-tile stacks channels_last, and when ``x`` is stored channels_last it gathers and scatters
-through the NHWC ops on the free ``x.permute(0, 2, 3, 1)`` view (row copies of whole channel
-vectors). A plain NCHW ``x`` also works (NCHW ops, then the stack is converted).
+Layout: channels_last is the default, chosen by measurement (``sparse-detector bench sparse``,
+"layout" rows; 2-core AMD EPYC, torch 2.13 CPU, 2 threads, bottleneck C -> C/2 -> C, B = 16,
+10 % active). The sparse block took 4.7 / 8.2 / 19.4 ms on a channels_last map of 512x512 and
+32 / 64 / 128 channels, and 15.9 / 52.3 / 97.2 ms on an NCHW map. The dense block took
+33.6 / 90.5 / 221 ms in channels_last and 68.9 / 192 / 405 ms in NCHW. So the block keeps its
+tile stacks channels_last (oneDNN's fast path). When ``x`` is stored channels_last, the block
+gathers and scatters through the NHWC ops on the free ``x.permute(0, 2, 3, 1)`` view, which
+copies whole channel vectors, one row per cell. A plain NCHW ``x`` also works: the block uses
+the NCHW ops and converts the stack, which is slower.
+
+In-place use (``inplace=True``, inference) saves a full copy of the map. On CPU the tiles go
+through gather, convs and scatter in chunks of about 8 MiB (see ``chunk_bytes``).
 
 Training: in ``train()`` mode batch norm uses batch statistics, so the block runs the
 dense-masked reference (:meth:`SparseResidualBlock.dense_reference`), which the tests prove
