@@ -292,3 +292,19 @@ def test_chunked_tiles_equal_reference(kind, inplace, B, channels_last):
         with torch.no_grad():
             out = block(xin, mask, inplace=inplace)
         torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+
+
+def test_shared_active_tiles_across_blocks():
+    """A stage computes reduce_mask once and passes it to each of its blocks."""
+    torch.manual_seed(9)
+    C, H, W, B = 6, 33, 40, 8
+    b1 = SparseResidualBlock(randomize_bn(bottleneck_branch(C), 1), B, dense_crossover=1.0).eval()
+    b2 = SparseResidualBlock(randomize_bn(basic_branch(C), 2), B, dense_crossover=1.0).eval()
+    x = torch.randn(1, C, H, W)
+    mask = torch.zeros(1, H, W)
+    mask[0, 5:20, 30:] = 1
+    tiles = b1.active_tiles(mask)
+    with torch.no_grad():
+        shared = b2(b1(x, mask, tiles=tiles), mask, tiles=tiles)
+        ref = dense_oracle(b2.branch, dense_oracle(b1.branch, x, mask, B), mask, B)
+    torch.testing.assert_close(shared, ref, rtol=0, atol=ATOL)

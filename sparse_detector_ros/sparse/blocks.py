@@ -242,7 +242,10 @@ class SparseResidualBlock(nn.Module):
         tm = tile_mask(idx, (x.shape[0], x.shape[2], x.shape[3]), self.tile_size, x.dtype)
         return x + tm * self.branch(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, inplace: bool = False,
+                tiles: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
+        """``x + tilemask * branch(x)``. ``tiles``: the result of :meth:`active_tiles` for this
+        mask, to share one ``reduce_mask`` among the blocks of a stage (same tile size)."""
         if x.dim() != 4:
             raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
         msh = mask.shape if mask.dim() == 3 else mask.shape[:1] + mask.shape[2:]
@@ -251,7 +254,7 @@ class SparseResidualBlock(nn.Module):
         if self.training:
             self.last_path = "dense_reference"
             return self.dense_reference(x, mask)
-        idx, k, total = self.active_tiles(mask)
+        idx, k, total = tiles if tiles is not None else self.active_tiles(mask)
         frac = k / total if total else 0.0
         self.last_active_fraction = frac
         if frac > self.dense_crossover:
