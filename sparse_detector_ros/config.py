@@ -98,7 +98,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               0.0, 1.0),
     ParamSpec("sparse.pooling", "max", "tile pooling of the computation mask",
               choices=("max", "avg")),
-    ParamSpec("sparse.dense_crossover", 0.6, "active-tile fraction above which the dense path "
+    ParamSpec("sparse.dense_crossover", 0.8, "active-tile fraction above which the dense path "
               "runs instead (measured by `sparse-detector bench sparse`)", 0.0, 1.0),
     # --- node (node.py).
     ParamSpec("node.device", "auto", "torch device: auto (cuda if available), cpu, cuda",
@@ -144,7 +144,7 @@ class SparseConfig:
     tile_size: int = 16
     threshold: float = 0.0
     pooling: str = "max"
-    dense_crossover: float = 0.6
+    dense_crossover: float = 0.8
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ class SparseResidualBlock(nn.Module):
     """
 
     def __init__(self, branch: nn.Sequential, tile_size: int = 16, threshold: float = 0.0,
-                 pooling: str = "max", dense_crossover: float = 0.6, backend: str = "auto",
+                 pooling: str = "max", dense_crossover: float = 0.8, backend: str = "auto",
                  chunk_bytes: int | str | None = "auto"):
         super().__init__()
         _check_branch(branch)

@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mid-ratio", type=float, default=0.5,
                         help="bottleneck width / channels (default 0.5)")
     parser.add_argument("--crossover", type=float, default=None,
-                        help="block's dense_crossover (default: sparse.dense_crossover, 0.6)")
+                        help="block's dense_crossover (default: sparse.dense_crossover, 0.8)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (min is kept)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
