@@ -192,7 +192,8 @@ def decode(msg: Any) -> np.ndarray:
     else:
         out = np.empty((n, 4), np.float32)
         out2d = out.reshape(height, width, 4)
-        for col, src_off, k in _float32_runs(wanted):
+        runs = [r for r in _float32_runs(wanted) if r[2] > 1]
+        for col, src_off, k in runs:
             # Copy runs of adjacent float32 fields as opaque k*4-byte blocks: one strided
             # memcpy per point, whatever the alignment (much faster than field-wise casts).
             block = np.dtype((np.void, 4 * k))
@@ -200,8 +201,9 @@ def decode(msg: Any) -> np.ndarray:
                                       "itemsize": 16})).reshape(height, width)
             dest["r"] = np.ndarray((height, width), dtype=block, buffer=buf, offset=src_off,
                                    strides=(row_step, point_step))
+        in_runs = {col + i for col, _, k in runs for i in range(k)}
         for col, f in enumerate(wanted):
-            if f.datatype != FLOAT32:
+            if col not in in_runs:  # single fields: a typed strided copy (with a cast)
                 out2d[..., col] = np.ndarray((height, width), dtype=DATATYPES[f.datatype],
                                              buffer=buf, offset=f.offset,
                                              strides=(row_step, point_step))
