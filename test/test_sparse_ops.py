@@ -289,7 +289,6 @@ def test_public_api_dispatches_to_torch_on_cpu():
 
 
 def test_no_cupy_import_at_module_load():
-    import importlib
     import subprocess
     code = ("import sys, sparse_detector_ros.sparse as s, torch; "
             "s.reduce_mask(torch.ones(1, 4, 4), 2, 2); "

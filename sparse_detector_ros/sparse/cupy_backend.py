@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from .. import paths
+from .torch_backend import check_layout as _check_layout
+from .torch_backend import pair as _pair
 
 __all__ = ["reduce_mask", "gather", "scatter", "available", "kernel_dir", "KERNELS",
            "NVRTC_OPTIONS", "nvrtc_compile_options", "launch_dims"]
@@ -205,28 +207,10 @@ def _require_cuda(*tensors: torch.Tensor) -> None:
 # host-side logic shared by the CUDA launcher and the CPU emulation
 # --------------------------------------------------------------------------------------------
 
-def _pair(v: IntPair, name: str) -> tuple[int, int]:
-    if isinstance(v, torch.Tensor):
-        v = v.tolist()
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v, v
-    try:
-        a, b = v  # type: ignore[misc]
-        return int(a), int(b)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or an (h, w) pair, got {v!r}") from None
-
-
 def _positive(v: tuple[int, int], name: str) -> tuple[int, int]:
     if v[0] < 1 or v[1] < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
     return v
-
-
-def _check_layout(layout: str) -> str:
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-    return layout
 
 
 def _indices32(indices: torch.Tensor, device: torch.device) -> torch.Tensor:

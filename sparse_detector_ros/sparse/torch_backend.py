@@ -221,7 +221,7 @@ def gather(x: torch.Tensor, indices: torch.Tensor, tile: IntPair, stride: IntPai
         ``(K, C, th, tw)`` (NCHW) or ``(K, th, tw, C)`` (NHWC), contiguous, same dtype and
         device as ``x``. Differentiable with respect to ``x``.
     """
-    layout = _check_layout(layout)
+    layout = check_layout(layout)
     _check_indices(indices)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D ({layout}), got shape {tuple(x.shape)}")
@@ -279,7 +279,7 @@ def scatter(tiles: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stri
     Returns:
         ``base`` (or its updated copy). Differentiable with respect to ``tiles`` and ``base``.
     """
-    layout = _check_layout(layout)
+    layout = check_layout(layout)
     _check_indices(indices)
     if tiles.dim() != 4 or base.dim() != 4:
         raise ValueError("tiles and base must be 4-D")
@@ -341,7 +341,7 @@ def _put_rows(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, add: bool
     out.copy_(tmp)
 
 
-def _check_layout(layout: str) -> str:
+def check_layout(layout: str) -> str:
     if layout not in ("NCHW", "NHWC"):
         raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
     return layout
