@@ -23,9 +23,8 @@ def resolve_device(requested: str) -> tuple[torch.device, str | None]:
         return torch.device("cpu"), None
     if torch.cuda.is_available():
         return torch.device("cuda"), None
-    if requested == "cuda":
-        return torch.device("cpu"), "node.device is 'cuda' but no CUDA GPU is available: using CPU"
-    return torch.device("cpu"), None
+    return torch.device("cpu"), (f"node.device is '{requested}' but no CUDA GPU is available: "
+                                 "running on the CPU")
 
 
 @dataclass

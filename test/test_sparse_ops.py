@@ -327,6 +327,20 @@ def test_auto_falls_back_with_one_warning(monkeypatch, caplog):
         sparse.get_backend("numba", "cpu")
 
 
+def test_auto_without_a_device_and_without_a_gpu_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ops._reset_backend_cache()
+    try:
+        with caplog.at_level(logging.WARNING, logger="sparse_detector_ros.sparse"):
+            assert sparse.get_backend("auto") is tb
+            assert sparse.get_backend("auto") is tb
+            assert sparse.get_backend("auto", "cpu") is tb
+        msgs = [r.getMessage() for r in caplog.records if r.name == "sparse_detector_ros.sparse"]
+        assert len(msgs) == 1 and "no CUDA GPU" in msgs[0]
+    finally:
+        ops._reset_backend_cache()
+
+
 def test_auto_falls_back_on_import_error(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "sparse_detector_ros.sparse.cupy_backend", None)  # ImportError
     ops._reset_backend_cache()

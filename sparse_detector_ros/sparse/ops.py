@@ -52,8 +52,10 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
     * ``"cupy"``: the CuPy raw-kernel backend; raises ``RuntimeError`` when it cannot be used
       (no CuPy, no GPU, or ``device`` is not CUDA).
     * ``"auto"``: CuPy on a CUDA device when ``cupy_backend`` imports and reports
-      ``available()``, else torch. Falling back on a CUDA device logs ONE warning (logger
-      ``sparse_detector_ros.sparse``) per process; on a CPU device torch is simply the choice.
+      ``available()``, else torch. Falling back because CuPy or a GPU is missing (a CUDA
+      device without usable CuPy, or no device given and no GPU present) logs ONE warning
+      (logger ``sparse_detector_ros.sparse``) per process; an explicit CPU device simply
+      means torch.
     """
     global _warned
     if name not in BACKENDS:
@@ -69,11 +71,14 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
             raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
         return mod
     # auto
-    if dev.type != "cuda":
-        return torch_backend
-    mod, reason = _load_cupy()
-    if mod is not None:
-        return mod
+    if device is None and not torch.cuda.is_available():
+        reason = "no CUDA GPU"
+    elif dev.type != "cuda" and device is not None:
+        return torch_backend  # the caller chose a CPU device: torch is simply the choice
+    else:
+        mod, reason = _load_cupy()
+        if mod is not None:
+            return mod
     with _lock:
         if not _warned:
             _warned = True
