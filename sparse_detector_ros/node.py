@@ -29,7 +29,6 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.time import Time
 from sensor_msgs.msg import PointCloud2
 
 from .config import NODE_NAME, PARAMS, Config, ConfigError, ParamSpec
@@ -84,6 +83,18 @@ def declare_config(node: Node) -> Config:
     return Config.from_flat({p.name: node.get_parameter(p.name).value for p in PARAMS})
 
 
+def header_stamp_ns(header) -> int:
+    """``header.stamp`` in nanoseconds; :class:`CloudError` for an empty ``frame_id`` (boxes
+    would have no frame to live in) or an invalid stamp."""
+    if not header.frame_id:
+        raise CloudError("no_frame_id", "header.frame_id is empty: detections could not be "
+                         "placed in any frame")
+    sec, nsec = int(header.stamp.sec), int(header.stamp.nanosec)
+    if sec < 0 or not 0 <= nsec < 1_000_000_000:
+        raise CloudError("bad_stamp", f"header.stamp is invalid (sec {sec}, nanosec {nsec})")
+    return sec * 1_000_000_000 + nsec
+
+
 class SparseDetectorNode(Node):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
@@ -135,10 +146,14 @@ class SparseDetectorNode(Node):
                 if self._stop:
                     return
                 msg, self._mailbox = self._mailbox, None
-            self._process(msg)
+            try:
+                self._process(msg)
+            except Exception as exc:  # never let the worker die: the node would go silent
+                self.get_logger().error(f"worker: {type(exc).__name__}: {exc}")
 
     def _process(self, msg: PointCloud2) -> None:
         try:
+            stamp_ns = header_stamp_ns(msg.header)
             result = self.pipeline.process(msg)
         except CloudError as exc:
             self._reject(exc.kind, str(exc))
@@ -146,7 +161,7 @@ class SparseDetectorNode(Node):
         except Exception as exc:  # a bug must not kill the worker: count, log, go on
             self._reject("internal_error", f"{type(exc).__name__}: {exc}")
             return
-        latency_ms = (self.get_clock().now() - Time.from_msg(msg.header.stamp)).nanoseconds / 1e6
+        latency_ms = (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
         self.stats.processed(result.points_received, result.points_kept, result.stage_ms,
                              latency_ms)
 

@@ -12,7 +12,7 @@ import torch
 
 from .bev import Rasterizer
 from .config import Config
-from .pointcloud import decode
+from .pointcloud import CloudError, decode
 
 STAGES = ("decode", "rasterize")
 
@@ -46,9 +46,13 @@ class Pipeline:
 
     def process(self, cloud: Any) -> FrameResult:
         """Run all stages on one PointCloud2-like message. Raises ``pointcloud.CloudError`` for
-        a malformed cloud (nothing else is changed)."""
+        a malformed cloud or one without any valid point (nothing else is changed)."""
         t0 = time.perf_counter()
         points = decode(cloud)
+        if len(points) == 0:
+            total = int(cloud.width) * int(cloud.height)
+            raise CloudError("empty", f"point cloud has no valid points ({total} before "
+                             "removing NaN/Inf)")
         t1 = time.perf_counter()
         bev, kept = self.rasterizer(points)
         if self.device.type == "cuda":

@@ -89,6 +89,28 @@ def test_malformed_cloud_is_rejected_and_node_keeps_running(node, probe):
     assert node.interrupt() == 0
 
 
+def test_bad_headers_and_empty_clouds_are_rejected_by_kind(node, probe):
+    from builtin_interfaces.msg import Time
+
+    assert probe.wait_for_subscriber(30), node.log()
+    probe.publish(cloud(seed=3)[0], stamp=Time(sec=-1, nanosec=0))
+    assert probe.wait_for_diag(lambda d: d.get("rejected.bad_stamp") == "1", 30), node.log()
+    probe.publish(cloud(seed=4)[0], frame_id="")
+    assert probe.wait_for_diag(lambda d: d.get("rejected.no_frame_id") == "1", 30), node.log()
+    nan_only = np.full((100, 4), np.nan, np.float32)
+    probe.publish(encode(nan_only, "xyzi", is_dense=False))
+    d = probe.wait_for_diag(lambda d: d.get("rejected.empty") == "1", 30)
+    assert d is not None, node.log()
+    assert "no valid points" in d["last_rejection_reason"]
+    good, kept = cloud(seed=5)
+    probe.publish(good)
+    d = probe.wait_for_diag(lambda d: int(d["frames_processed"]) == 1, 30)
+    assert d is not None, node.log()
+    assert int(d["frames_rejected"]) == 3 and int(d["points_kept"]) == kept
+    assert node.alive()
+    assert node.interrupt() == 0
+
+
 def test_out_of_range_parameter_stops_startup():
     proc = NodeProcess(PARAMS_FILE, {"grid.resolution": 7.5})
     try:
