@@ -365,3 +365,19 @@ def test_torch_backend_on_cuda_matches_cpu():
     out = tb.scatter(t[:, :, 1:9, 1:9], idx, x.clone(), 8, add=True)
     out_c = tb.scatter(t.cuda()[:, :, 1:9, 1:9], idx_c, x.cuda(), 8, add=True)
     torch.testing.assert_close(out_c.cpu(), out)
+
+
+def test_out_of_range_tile_indices_read_zero_and_write_nothing():
+    """Rows with a batch index outside [0, N) or tiles wholly off the map (negative ty/tx
+    included) read as zeros and are dropped by scatter, as in the CuPy kernels."""
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+    idx = torch.tensor([[0, -1, 0], [1, 0, -1], [2, 0, 0], [-1, 0, 0], [1, 1, 1]],
+                       dtype=torch.int32)
+    tiles = tb.gather(x, idx, 4, 4, 0)
+    assert torch.count_nonzero(tiles[:4]) == 0
+    assert torch.equal(tiles[4], x[1, :, 4:8, 4:8])
+    base = torch.zeros_like(x)
+    tb.scatter(torch.ones(5, 3, 4, 4), idx, base, 4, 0, add=True)
+    expect = torch.zeros_like(x)
+    expect[1, :, 4:8, 4:8] = 1
+    assert torch.equal(base, expect)

@@ -169,10 +169,11 @@ def _tile_coords(indices: torch.Tensor, H: int, W: int, th, tw, sh, sw, oy, ox, 
     return n, rows, cols
 
 
-def _all_inside(indices: torch.Tensor, Ty_max: int, Tx_max: int, H, W, th, tw, sh, sw, oy, ox) -> bool:
-    """Cheap host-side test whether every tile lies fully inside the map, from the tile
-    extents alone (``Ty_max``/``Tx_max``: largest ty/tx present)."""
-    return oy >= 0 and ox >= 0 and Ty_max * sh + oy + th <= H and Tx_max * sw + ox + tw <= W
+def _all_inside(lo: list[int], hi: list[int], N, H, W, th, tw, sh, sw, oy, ox) -> bool:
+    """Cheap host-side test whether every tile lies fully inside the map, from the smallest
+    (``lo``) and largest (``hi``) ``[n, ty, tx]`` present."""
+    return (lo[0] >= 0 and hi[0] < N and lo[1] * sh + oy >= 0 and lo[2] * sw + ox >= 0
+            and hi[1] * sh + oy + th <= H and hi[2] * sw + ox + tw <= W)
 
 
 def _check_indices(indices: torch.Tensor) -> None:
@@ -187,16 +188,17 @@ def _flat_index(indices, N, H, W, th, tw, sh, sw, oy, ox, device):
     K = n.shape[0]
     inside = True
     if K:
-        if oy < 0 or ox < 0:
-            inside = False
-        else:
-            mx = indices.max(dim=0).values.tolist()
-            inside = _all_inside(indices, mx[1], mx[2], H, W, th, tw, sh, sw, oy, ox)
+        lo, hi = (t.tolist() for t in indices.aminmax(dim=0))
+        inside = _all_inside(lo, hi, N, H, W, th, tw, sh, sw, oy, ox)
     valid = None
     if not inside:
+        # Rows with a batch index outside [0, N) or cells off the map read as zero / are
+        # dropped, as in the CuPy kernels.
+        vn = (n >= 0) & (n < N)
         vr = (rows >= 0) & (rows < H)
         vc = (cols >= 0) & (cols < W)
-        valid = vr[:, :, None] & vc[:, None, :]
+        valid = vn[:, None, None] & vr[:, :, None] & vc[:, None, :]
+        n = n.clamp(0, N - 1)
         rows = rows.clamp(0, H - 1)
         cols = cols.clamp(0, W - 1)
     flat = (n[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
