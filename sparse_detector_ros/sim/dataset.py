@@ -20,6 +20,7 @@ Use :func:`collate_frames` as ``collate_fn`` (clouds and box lists differ in len
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -53,6 +54,7 @@ class SimDataset(Dataset):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.transform = transform
         self._scenes: OrderedDict = OrderedDict()
+        self._maps: OrderedDict = OrderedDict()
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -78,15 +80,23 @@ class SimDataset(Dataset):
         return sc
 
     def _map(self, scene_idx: int):
+        cached = self._maps.get(scene_idx)
+        if cached is not None:
+            return cached
         path = self.cache_dir / f"map_{self._key(scene_idx)}.npz" if self.cache_dir else None
         if path is not None and path.exists():
-            z = np.load(path)
-            return dict(image=z["image"], origin=tuple(z["origin"]), resolution=float(z["res"]))
-        rm = self.scene(scene_idx).roadmap()
-        out = dict(image=rm.occupancy_image(), origin=tuple(rm.origin), resolution=rm.resolution)
-        if path is not None:
-            np.savez_compressed(path, image=out["image"], origin=np.array(out["origin"]),
-                                res=np.array(out["resolution"]))
+            with np.load(path) as z:
+                out = dict(image=z["image"], origin=tuple(z["origin"]), resolution=float(z["res"]))
+        else:
+            rm = self.scene(scene_idx).roadmap()
+            out = dict(image=rm.occupancy_image(), origin=tuple(rm.origin),
+                       resolution=rm.resolution)
+            if path is not None:
+                _save_atomic(path, image=out["image"], origin=np.array(out["origin"]),
+                             res=np.array(out["resolution"]))
+        self._maps[scene_idx] = out
+        while len(self._maps) > 2:
+            self._maps.popitem(last=False)
         return out
 
     def _frame_arrays(self, scene_idx: int, frame_idx: int) -> dict:
@@ -101,9 +111,7 @@ class SimDataset(Dataset):
                       labels=np.array([_CLASS_INDEX[c] for c in f.labels], np.int64),
                       num_points=f.num_points.astype(np.int64), pose=f.ego_pose)
         if path is not None:
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **arrays)
-            tmp.replace(path)
+            _save_atomic(path, **arrays)
         return arrays
 
     def __getitem__(self, index: int) -> dict:
@@ -113,10 +121,18 @@ class SimDataset(Dataset):
         a = self._frame_arrays(scene_idx, frame_idx)
         m = self._map(scene_idx)
         item = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in a.items()}
-        item["map"] = dict(image=torch.from_numpy(m["image"]), origin=m["origin"],
+        item["map"] = dict(image=torch.from_numpy(m["image"].copy()), origin=m["origin"],
                            resolution=m["resolution"])
         item.update(scene=scene_idx, frame=frame_idx, mount_height=self.lidar.mount_height)
         return self.transform(item) if self.transform is not None else item
+
+
+def _save_atomic(path, **arrays) -> None:
+    """Write an .npz through a temporary file of this process, then rename: a reader (another
+    DataLoader worker) never sees a half-written file."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def collate_frames(batch: list[dict]) -> dict:
