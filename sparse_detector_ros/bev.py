@@ -36,6 +36,12 @@ import torch
 from .config import GridConfig
 
 
+# The rasterizer wraps read-only message buffers without copying and never writes to them;
+# torch's warning about non-writable arrays does not apply.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        category=UserWarning)
+
+
 class Rasterizer:
     """Callable ``points (N, >=4) -> (bev (1, C, H, W), n_kept)`` for one grid and device.
 
@@ -96,9 +102,4 @@ def _as_tensor(points: np.ndarray | torch.Tensor) -> torch.Tensor:
         arr = arr.astype(np.float32)
     if arr.strides[-1] != arr.itemsize or arr.strides[0] % arr.itemsize or arr.strides[0] < 0:
         arr = np.ascontiguousarray(arr)
-    if not arr.flags.writeable:
-        # Zero-copy view of a read-only message buffer; the rasterizer never writes to it.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(arr)
-    return torch.from_numpy(arr)
+    return torch.from_numpy(arr)  # zero-copy, also of a read-only buffer (see the filter above)

@@ -4,16 +4,30 @@ it with Ctrl-C (SIGINT) and report its exit code.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--frames", type=int, default=20, help="clouds to send (default 20)")
-    parser.add_argument("--rate", type=float, default=10.0, help="send rate [Hz] (default 10)")
+    from ..pointcloud import LAYOUTS
+
+    parser.add_argument("--frames", type=_positive(int), default=20,
+                        help="clouds to send (default 20)")
+    parser.add_argument("--rate", type=_positive(float), default=10.0,
+                        help="send rate [Hz] (default 10, the simulated sensor's rate)")
     parser.add_argument("--lidar", default="hdl64e", help="simulated LiDAR preset")
-    parser.add_argument("--layout", default="velodyne",
-                        help="driver field layout: velodyne, ouster, livox, hesai, xyzi")
+    parser.add_argument("--layout", default="velodyne", choices=sorted(LAYOUTS),
+                        help="driver field layout (default velodyne)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic scene seed")
     parser.add_argument("--params-file", default=None,
                         help="ROS parameter file (default: the package's config)")
@@ -26,7 +40,7 @@ def run(args) -> int:
     local_dds_env(args.domain_id)  # before rclpy starts
 
     from ..paths import find_share_file
-    from ..sim import generate_scene, get_lidar, render_frame
+    from ..sim import FRAME_RATE, generate_scene, get_lidar, render_frame
     from ..sim.export import cloud_buffer
     from .node_client import NodeProcess, Probe
 
@@ -39,7 +53,9 @@ def run(args) -> int:
             print(node.log())
             raise SystemExit("demo: the node did not subscribe to input/points")
         lidar = get_lidar(args.lidar)
-        scene = generate_scene(args.seed, duration=args.frames / args.rate + 0.2)
+        # The scene is planned (and checked for collisions) for frames at the sensor's 10 Hz,
+        # whatever rate they are sent at.
+        scene = generate_scene(args.seed, duration=(args.frames - 1) / FRAME_RATE)
         frames = [render_frame(scene, lidar, i) for i in range(args.frames)]
         clouds = [cloud_buffer(f, args.layout) for f in frames]
         print(f"demo: sending {args.frames} clouds of a drive through synthetic scene "
