@@ -17,7 +17,7 @@ Malformed clouds raise :class:`CloudError` (a ``ValueError``) with a precise mes
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -103,7 +103,6 @@ class CloudBuffer:
     row_step: int
     data: bytes
     is_dense: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _struct_dtype(fields: Sequence[Any], itemsize: int) -> np.dtype:

@@ -22,8 +22,6 @@ class FrameStats:
         self.last_rejection = ""
         self.points_received = 0
         self.points_kept = 0
-        self.last_stage_ms = {s: 0.0 for s in stages}
-        self.last_latency_ms = 0.0
         self._window: dict[str, list[float]] = {s: [] for s in (*stages, "total", "latency")}
 
     def received(self) -> None:
@@ -46,8 +44,6 @@ class FrameStats:
             self.frames_processed += 1
             self.points_received = points_received
             self.points_kept = points_kept
-            self.last_stage_ms = dict(stage_ms)
-            self.last_latency_ms = latency_ms
             for s, ms in stage_ms.items():
                 self._window.setdefault(s, []).append(ms)
             self._window["total"].append(sum(stage_ms.values()))

@@ -20,7 +20,7 @@ the block's convolutions)::
     indices, K = reduce_mask(mask, tile=B, stride=B)            # which B x B output tiles run
     tiles = gather(x, indices, tile=B + 2*h, stride=B, offset=-h)   # (K, C, B+2h, B+2h)
     y = valid_convs(tiles)                                       # unpadded convs: B+2h -> B
-    out = scatter(y, indices, base, tile=B, stride=B, offset=0, add=True)
+    out = scatter(y, indices, base, stride=B, offset=0, add=True)  # tile size from y
 
 i.e. the gather stride is ``tile - 2*halo``: neighbouring input tiles overlap by ``2*h`` cells
 while the output tiles partition the map.
