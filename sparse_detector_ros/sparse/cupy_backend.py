@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .. import paths
+from .torch_backend import _check_geometry, _check_indices, grid_shape
 from .torch_backend import check_layout as _check_layout
 from .torch_backend import pair as _pair
 
@@ -78,7 +79,7 @@ def nvrtc_compile_options(arch: int | str) -> tuple[str, ...]:
     """The full NVRTC option list a kernel gets at run time on a device of compute capability
     ``arch`` (e.g. ``"86"``): :data:`NVRTC_OPTIONS` plus what CuPy adds. The NVRTC test
     compiles every kernel with exactly this list."""
-    return NVRTC_OPTIONS + ("-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
+    return NVRTC_OPTIONS + CUPY_ADDED_OPTIONS + (f"-arch=sm_{arch}",)
 
 
 def launch_dims(total: int, threads: int = THREADS, max_blocks: int = MAX_BLOCKS) -> tuple[int, int]:
@@ -214,8 +215,7 @@ def _positive(v: tuple[int, int], name: str) -> tuple[int, int]:
 
 
 def _indices32(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if indices.dim() != 2 or indices.shape[1] != 3:
-        raise ValueError(f"indices must be (K, 3) rows [n, ty, tx], got {tuple(indices.shape)}")
+    _check_indices(indices)
     if indices.is_floating_point() or indices.is_complex():
         raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
     return indices.to(device=device, dtype=torch.int32).contiguous()
@@ -237,11 +237,9 @@ def _reduce_mask(mask, tile, stride, offset, threshold, pooling, launch: Launche
         raise TypeError(f"mask must be a float tensor, got {mask.dtype}")
     if pooling not in ("max", "avg"):
         raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
-    th, tw = _positive(_pair(tile, "tile"), "tile")
-    sh, sw = _positive(_pair(stride, "stride"), "stride")
-    oy, ox = _pair(offset, "offset")
+    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
     N, H, W = mask.shape
-    Ty, Tx = -(-H // sh), -(-W // sw)
+    Ty, Tx = grid_shape((H, W), (sh, sw))
     if mask.dtype == torch.float64:
         m, name, thr = mask.detach().contiguous(), "reduce_mask_f64", np.float64(threshold)
     else:
@@ -262,9 +260,7 @@ def _gather(x, indices, tile, stride, offset, layout, launch: Launcher):
     layout = _check_layout(layout)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D ({layout}), got shape {tuple(x.shape)}")
-    th, tw = _positive(_pair(tile, "tile"), "tile")
-    sh, sw = _positive(_pair(stride, "stride"), "stride")
-    oy, ox = _pair(offset, "offset")
+    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
     idx = _indices32(indices, x.device)
     if layout == "NCHW":
         N, C, H, W = x.shape
