@@ -37,9 +37,8 @@ import numpy as np
 import torch
 
 from .. import paths
-from .torch_backend import _check_geometry, _check_indices, grid_shape
+from .torch_backend import _check_geometry, _check_indices, grid_shape, scatter_geometry
 from .torch_backend import check_layout as _check_layout
-from .torch_backend import pair as _pair
 
 __all__ = ["reduce_mask", "gather", "scatter", "available", "kernel_dir", "KERNELS",
            "NVRTC_OPTIONS", "nvrtc_compile_options", "launch_dims"]
@@ -208,12 +207,6 @@ def _require_cuda(*tensors: torch.Tensor) -> None:
 # host-side logic shared by the CUDA launcher and the CPU emulation
 # --------------------------------------------------------------------------------------------
 
-def _positive(v: tuple[int, int], name: str) -> tuple[int, int]:
-    if v[0] < 1 or v[1] < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
-
-
 def _indices32(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
     _check_indices(indices)
     if indices.is_floating_point() or indices.is_complex():
@@ -284,21 +277,9 @@ def _gather(x, indices, tile, stride, offset, layout, launch: Launcher):
 
 def _scatter(tiles, indices, base, stride, offset, add, inplace, layout, launch: Launcher):
     layout = _check_layout(layout)
-    if tiles.dim() != 4 or base.dim() != 4:
-        raise ValueError("tiles and base must be 4-D")
-    sh, sw = _positive(_pair(stride, "stride"), "stride")
-    oy, ox = _pair(offset, "offset")
     idx = _indices32(indices, base.device)
-    if layout == "NCHW":
-        K, C, th, tw = tiles.shape
-        N, Cb, H, W = base.shape
-    else:
-        K, th, tw, C = tiles.shape
-        N, H, W, Cb = base.shape
-    if C != Cb:
-        raise ValueError(f"tiles have {C} channels but base has {Cb}")
-    if K != idx.shape[0]:
-        raise ValueError(f"{K} tiles but {idx.shape[0]} indices")
+    (K, C, th, tw, N, H, W), (sh, sw, oy, ox) = scatter_geometry(tiles, idx, base, stride,
+                                                                 offset, layout)
     if add:
         kind = {torch.float32: "f32", torch.float64: "f64"}.get(base.dtype)
         name = f"sparse_scatter_add_{layout.lower()}_{kind}"

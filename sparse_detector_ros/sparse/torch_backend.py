@@ -283,22 +283,8 @@ def scatter(tiles: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stri
     """
     layout = check_layout(layout)
     _check_indices(indices)
-    if tiles.dim() != 4 or base.dim() != 4:
-        raise ValueError("tiles and base must be 4-D")
-    sh, sw = pair(stride, "stride")
-    oy, ox = pair(offset, "offset")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
-    if layout == "NCHW":
-        K, C, bh, bw = tiles.shape
-        N, Cb, H, W = base.shape
-    else:
-        K, bh, bw, C = tiles.shape
-        N, H, W, Cb = base.shape
-    if C != Cb:
-        raise ValueError(f"tiles have {C} channels but base has {Cb}")
-    if K != indices.shape[0]:
-        raise ValueError(f"{K} tiles but {indices.shape[0]} indices")
+    (K, C, bh, bw, N, H, W), (sh, sw, oy, ox) = scatter_geometry(tiles, indices, base, stride,
+                                                                 offset, layout)
     out = base if inplace else base.clone()
     if K == 0:
         return out
@@ -341,6 +327,25 @@ def _put_rows(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, add: bool
     view = tmp.view(N * H * W, C)
     (view.index_add_ if add else view.index_copy_)(0, idx, src)
     out.copy_(tmp)
+
+
+def scatter_geometry(tiles, indices, base, stride, offset, layout):
+    """Validated ``((K, C, bh, bw, N, H, W), (sh, sw, oy, ox))`` of a scatter call (shared by
+    the backends)."""
+    if tiles.dim() != 4 or base.dim() != 4:
+        raise ValueError("tiles and base must be 4-D")
+    _, _, sh, sw, oy, ox = _check_geometry(1, stride, offset)
+    if layout == "NCHW":
+        K, C, bh, bw = tiles.shape
+        N, Cb, H, W = base.shape
+    else:
+        K, bh, bw, C = tiles.shape
+        N, H, W, Cb = base.shape
+    if C != Cb:
+        raise ValueError(f"tiles have {C} channels but base has {Cb}")
+    if K != indices.shape[0]:
+        raise ValueError(f"{K} tiles but {indices.shape[0]} indices")
+    return (K, C, bh, bw, N, H, W), (sh, sw, oy, ox)
 
 
 def check_layout(layout: str) -> str:
