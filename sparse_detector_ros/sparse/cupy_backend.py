@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from .. import paths
-from .torch_backend import _check_geometry, _check_indices, grid_shape, scatter_geometry
+from .torch_backend import (_check_geometry, _check_indices, reduce_mask_geometry,
+                            scatter_geometry)
 from .torch_backend import check_layout as _check_layout
 
 __all__ = ["reduce_mask", "gather", "scatter", "available", "kernel_dir", "KERNELS",
@@ -224,15 +225,8 @@ def _i32(*vals: int) -> tuple:
 def _reduce_mask(mask, tile, stride, offset, threshold, pooling, launch: Launcher):
     """``reduce_mask`` plus the per-tile pooled values ``(N, Ty, Tx)`` (0 for windows with no
     in-map cell)."""
-    if mask.dim() != 3:
-        raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
-    if not mask.is_floating_point():
-        raise TypeError(f"mask must be a float tensor, got {mask.dtype}")
-    if pooling not in ("max", "avg"):
-        raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
-    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
-    N, H, W = mask.shape
-    Ty, Tx = grid_shape((H, W), (sh, sw))
+    (N, H, W, Ty, Tx), (th, tw, sh, sw, oy, ox) = reduce_mask_geometry(mask, tile, stride,
+                                                                       offset, pooling)
     if mask.dtype == torch.float64:
         m, name, thr = mask.detach().contiguous(), "reduce_mask_f64", np.float64(threshold)
     else:

@@ -105,15 +105,8 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
         in lexicographic order on ``mask``'s device, ``count`` the Python int ``K``
         (``K = 0`` gives a ``(0, 3)`` tensor). Not differentiable.
     """
-    if mask.dim() != 3:
-        raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
-    if not mask.is_floating_point():
-        raise TypeError(f"mask must be a float tensor, got {mask.dtype}")
-    if pooling not in ("max", "avg"):
-        raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
-    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
-    N, H, W = mask.shape
-    Ty, Tx = grid_shape((H, W), (sh, sw))
+    (N, H, W, Ty, Tx), (th, tw, sh, sw, oy, ox) = reduce_mask_geometry(mask, tile, stride,
+                                                                       offset, pooling)
     m = mask.detach()
     if m.dtype not in (torch.float32, torch.float64):
         m = m.float()
@@ -125,6 +118,20 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
         pooled = _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling)
     indices = torch.nonzero(pooled > threshold).to(torch.int32)
     return indices, int(indices.shape[0])
+
+
+def reduce_mask_geometry(mask, tile, stride, offset, pooling):
+    """Validated ``((N, H, W, Ty, Tx), (th, tw, sh, sw, oy, ox))`` of a reduce_mask call
+    (shared by the backends)."""
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
+    if not mask.is_floating_point():
+        raise TypeError(f"mask must be a float tensor, got {mask.dtype}")
+    if pooling not in ("max", "avg"):
+        raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
+    N, H, W = mask.shape
+    return (N, H, W, *grid_shape((H, W), (sh, sw))), (th, tw, sh, sw, oy, ox)
 
 
 def _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling):
