@@ -7,6 +7,19 @@ import numpy as np
 from .raycast import SURFACE, STATIC, Primitives
 
 
+def _primitives(kind: str, geometry, refl, surf, owner, poro) -> Primitives:
+    """A :class:`Primitives` holding one kind (``box``, ``cyl`` or ``sph``): the geometry rows
+    plus per-primitive reflectivity, surface code, owner and porosity (scalars broadcast)."""
+    n = len(geometry)
+    p = Primitives()
+    setattr(p, kind, geometry)
+    setattr(p, f"{kind}_refl", np.broadcast_to(np.asarray(refl, float), (n,)).copy())
+    setattr(p, f"{kind}_owner", np.full(n, owner, np.int32))
+    setattr(p, f"{kind}_surf", np.broadcast_to(np.asarray(surf, np.int8), (n,)).copy())
+    setattr(p, f"{kind}_poro", np.broadcast_to(np.asarray(poro, float), (n,)).copy())
+    return p
+
+
 def boxes(specs, refl, surf, owner=STATIC, poro=None) -> Primitives:
     """Axis-aligned boxes in the local frame from ``(x0, x1, y0, y1, z0, z1)`` extents."""
     specs = np.asarray(specs, dtype=np.float64).reshape(-1, 6)
@@ -15,40 +28,19 @@ def boxes(specs, refl, surf, owner=STATIC, poro=None) -> Primitives:
                     (specs[:, 4] + specs[:, 5]) / 2, (specs[:, 1] - specs[:, 0]) / 2,
                     (specs[:, 3] - specs[:, 2]) / 2, (specs[:, 5] - specs[:, 4]) / 2,
                     np.zeros(n)], axis=1)
-    p = Primitives()
-    p.box = box
-    p.box_refl = np.broadcast_to(np.asarray(refl, float), (n,)).copy()
-    p.box_owner = np.full(n, owner, np.int32)
-    p.box_surf = np.broadcast_to(np.asarray(surf, np.int8), (n,)).copy()
-    poro = 0.0 if poro is None else poro
-    p.box_poro = np.broadcast_to(np.asarray(poro, float), (n,)).copy()
-    return p
+    return _primitives("box", box, refl, surf, owner, 0.0 if poro is None else poro)
 
 
 def cylinders(specs, refl, surf, owner=STATIC, poro=0.0) -> Primitives:
     """Vertical cylinders ``(cx, cy, z_bottom, z_top, radius)``."""
     specs = np.asarray(specs, dtype=np.float64).reshape(-1, 5)
-    n = len(specs)
-    p = Primitives()
-    p.cyl = specs
-    p.cyl_refl = np.broadcast_to(np.asarray(refl, float), (n,)).copy()
-    p.cyl_owner = np.full(n, owner, np.int32)
-    p.cyl_surf = np.broadcast_to(np.asarray(surf, np.int8), (n,)).copy()
-    p.cyl_poro = np.broadcast_to(np.asarray(poro, float), (n,)).copy()
-    return p
+    return _primitives("cyl", specs, refl, surf, owner, poro)
 
 
 def spheres(specs, refl, surf, owner=STATIC, poro=0.0) -> Primitives:
     """Spheres ``(cx, cy, cz, radius)``."""
     specs = np.asarray(specs, dtype=np.float64).reshape(-1, 4)
-    n = len(specs)
-    p = Primitives()
-    p.sph = specs
-    p.sph_refl = np.broadcast_to(np.asarray(refl, float), (n,)).copy()
-    p.sph_owner = np.full(n, owner, np.int32)
-    p.sph_surf = np.broadcast_to(np.asarray(surf, np.int8), (n,)).copy()
-    p.sph_poro = np.broadcast_to(np.asarray(poro, float), (n,)).copy()
-    return p
+    return _primitives("sph", specs, refl, surf, owner, poro)
 
 
 def vehicle(L, W, H, subtype, paint, owner) -> Primitives:
