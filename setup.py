@@ -1,4 +1,5 @@
 """ament_python package set-up: `colcon build` on a ROS 2 install, `pip install .` elsewhere."""
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
@@ -16,6 +17,9 @@ setup(
         ("share/" + package_name + "/config",
          glob("config/*.yaml") + glob("config/*.xml")),
         ("share/" + package_name + "/kernels", glob("kernels/*.cu")),
+    ] + [  # shipped models: models/<name>/ (model.yaml, weights, card)
+        ("share/" + package_name + "/" + d, sorted(glob(d + "/*.*")))
+        for d in sorted(glob("models/*")) if os.path.isdir(d)
     ],
     install_requires=["setuptools"],
     zip_safe=True,

@@ -1,15 +1,19 @@
 """Typed, validated configuration shared by the ROS node and the ROS-free tools.
 
-Every tunable is listed once in :data:`PARAMS` with its default, a description and its allowed
-range (or choices). The node declares each as a ROS parameter (with a ``ParameterDescriptor``
-built from the same spec, see ``node.py``); the tools load the same values from a plain YAML
-file. Both paths end in :func:`Config.from_flat`, so an invalid value gives the same single
-message everywhere::
+Every runtime tunable is listed once in :data:`PARAMS` with its default, a description and its
+allowed range (or choices); the dataclasses take their defaults from there. The BEV grid is not
+a runtime tunable: it is a property of the trained model, validated with :data:`GRID_PARAMS`
+when the model description is loaded (``model/description.py``).
 
-    parameter 'grid.resolution' = 5.0 is out of range: allowed [0.02, 2.0]
+The node declares each runtime tunable as a ROS parameter (with a ``ParameterDescriptor`` built
+from the same spec, see ``node.py``); the tools load the same values from a plain YAML file.
+Both paths end in :func:`Config.from_flat`, so an invalid value gives the same single message
+everywhere::
 
-Parameter names are dotted (``grid.resolution``); in a YAML file they may be nested
-(``grid: {resolution: 0.2}``) and may sit under ``<node_name>: ros__parameters:`` as ROS
+    parameter 'sparse.tile_size' = 2 is out of range: allowed [4, 64]
+
+Parameter names are dotted (``sparse.tile_size``); in a YAML file they may be nested
+(``sparse: {tile_size: 16}``) and may sit under ``<node_name>: ros__parameters:`` as ROS
 parameter files do.
 """
 from __future__ import annotations
@@ -74,9 +78,11 @@ class ParamSpec:
         return value
 
 
-# The single list of tunables. Order = order in config/sparse_detector.yaml.
-PARAMS: tuple[ParamSpec, ...] = (
-    # --- BEV grid (bev.py). row = x index, col = y index; see bev.py.
+# The BEV grid is a property of a trained model, not a runtime parameter: it is set by the model
+# description that ships with the weights (``model/description.py``) and validated with these
+# specs. Order = order in a model description's ``grid:`` block.
+GRID_PARAMS: tuple[ParamSpec, ...] = (
+    # row = x index, col = y index; see bev.py.
     ParamSpec("grid.x_min", -51.2, "BEV grid lower x bound in the sensor frame [m]", -250.0, 250.0),
     ParamSpec("grid.x_max", 51.2, "BEV grid upper x bound in the sensor frame [m]", -250.0, 250.0),
     ParamSpec("grid.y_min", -51.2, "BEV grid lower y bound in the sensor frame [m]", -250.0, 250.0),
@@ -90,6 +96,14 @@ PARAMS: tuple[ParamSpec, ...] = (
               "normalised ones)", 1e-6, 1e6),
     ParamSpec("grid.density_saturation", 64, "points per cell at which the density channel "
               "saturates at 1.0 (log scale)", 2, 100000),
+)
+
+# The single list of runtime tunables (ROS parameters). Order = order in
+# config/sparse_detector.yaml.
+PARAMS: tuple[ParamSpec, ...] = (
+    # --- model (model/description.py): which trained model to run.
+    ParamSpec("model.path", "", "model description (model.yaml, or its folder) that fixes the "
+              "BEV grid, classes and weights; empty = the model shipped with the package"),
     # --- sparse engine (sparse/).
     ParamSpec("sparse.backend", "auto", "gather/scatter backend: auto (CuPy kernels on a GPU, "
               "else torch), cupy, torch", choices=("auto", "cupy", "torch")),
@@ -111,20 +125,43 @@ PARAMS: tuple[ParamSpec, ...] = (
               "rejected input [s]", 0.0, 3600.0),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
+GRID_SPECS: dict[str, ParamSpec] = {p.name: p for p in GRID_PARAMS}
+
+
+def _default(name: str) -> Any:
+    """The default of a spec: the dataclasses below take their defaults from the specs, so each
+    default is written once."""
+    return (SPECS.get(name) or GRID_SPECS[name]).default
+
+
+def _check_values(specs: Mapping[str, ParamSpec], values: Mapping[str, Any], section: str
+                  ) -> dict[str, Any]:
+    """``{"<section>.key": value}`` -> ``{"key": checked value}``; ConfigError for an unknown name
+    (listing the known ones), a wrong type or a value out of range."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        spec = specs.get(name)
+        if spec is None or not name.startswith(section + "."):
+            raise ConfigError(f"unknown parameter '{name}' = {value!r}: known parameters are "
+                              + ", ".join(specs))
+        out[name[len(section) + 1:]] = spec.check(value)
+    return out
 
 
 @dataclass(frozen=True)
 class GridConfig:
-    x_min: float = -51.2
-    x_max: float = 51.2
-    y_min: float = -51.2
-    y_max: float = 51.2
-    z_min: float = -3.0
-    z_max: float = 2.0
-    resolution: float = 0.2
-    z_slices: int = 5
-    intensity_max: float = 255.0
-    density_saturation: int = 64
+    """The BEV grid (see ``bev.py``). A property of a trained model: it comes from the model
+    description (``model/description.py``), never from the runtime parameter file."""
+    x_min: float = _default("grid.x_min")
+    x_max: float = _default("grid.x_max")
+    y_min: float = _default("grid.y_min")
+    y_max: float = _default("grid.y_max")
+    z_min: float = _default("grid.z_min")
+    z_max: float = _default("grid.z_max")
+    resolution: float = _default("grid.resolution")
+    z_slices: int = _default("grid.z_slices")
+    intensity_max: float = _default("grid.intensity_max")
+    density_saturation: int = _default("grid.density_saturation")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,51 +174,90 @@ class GridConfig:
         """BEV feature channels: z_slices occupancy + intensity + density."""
         return self.z_slices + 2
 
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> "GridConfig":
+        """Build from dotted names (``{"grid.resolution": 0.1}``); unset names keep defaults.
+        Raises :class:`ConfigError` naming the value (unknown, wrong type, out of range, or an
+        extent the resolution does not divide)."""
+        grid = cls(**_check_values(GRID_SPECS, values, "grid"))
+        grid._check_consistency()
+        return grid
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "GridConfig":
+        """Build from ``{"resolution": 0.1, ...}`` (the ``grid:`` block of a description)."""
+        return cls.from_flat(flatten(data or {}, "grid."))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _check_consistency(self) -> None:
+        for lo, hi in (("x_min", "x_max"), ("y_min", "y_max"), ("z_min", "z_max")):
+            if getattr(self, lo) >= getattr(self, hi):
+                raise ConfigError(
+                    f"parameter 'grid.{lo}' = {getattr(self, lo)!r} must be below 'grid.{hi}' = "
+                    f"{getattr(self, hi)!r}")
+        for axis in ("x", "y"):
+            extent = getattr(self, f"{axis}_max") - getattr(self, f"{axis}_min")
+            cells = extent / self.resolution
+            if abs(cells - round(cells)) > 1e-6 * max(1.0, cells):
+                raise ConfigError(
+                    f"parameter 'grid.resolution' = {self.resolution!r} must divide the {axis} "
+                    f"extent {extent!r} m into whole cells")
+            if not 1 <= round(cells) <= 8192:
+                raise ConfigError(
+                    f"parameter 'grid.resolution' = {self.resolution!r} gives {round(cells)} "
+                    f"cells along {axis}: allowed [1, 8192]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _default("model.path")
+
 
 @dataclass(frozen=True)
 class SparseConfig:
-    backend: str = "auto"
-    tile_size: int = 16
-    threshold: float = 0.0
-    pooling: str = "max"
-    dense_crossover: float = 0.8
+    backend: str = _default("sparse.backend")
+    tile_size: int = _default("sparse.tile_size")
+    threshold: float = _default("sparse.threshold")
+    pooling: str = _default("sparse.pooling")
+    dense_crossover: float = _default("sparse.dense_crossover")
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    device: str = "auto"
-    qos_reliability: str = "best_effort"
-    qos_depth: int = 5
-    diagnostics_period: float = 1.0
-    log_throttle_sec: float = 5.0
+    device: str = _default("node.device")
+    qos_reliability: str = _default("node.qos_reliability")
+    qos_depth: int = _default("node.qos_depth")
+    diagnostics_period: float = _default("node.diagnostics_period")
+    log_throttle_sec: float = _default("node.log_throttle_sec")
 
 
-_SECTIONS = {"grid": GridConfig, "sparse": SparseConfig, "node": NodeConfig}
+_SECTIONS = {"model": ModelConfig, "sparse": SparseConfig, "node": NodeConfig}
 
 
 @dataclass(frozen=True)
 class Config:
-    grid: GridConfig = field(default_factory=GridConfig)
+    """The runtime configuration (the node's ROS parameters). The BEV grid is not part of it: it
+    belongs to the model (:class:`GridConfig`, from the model description)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> "Config":
-        """Build from dotted names (``{"grid.resolution": 0.1}``); unset names keep defaults.
+        """Build from dotted names (``{"sparse.tile_size": 8}``); unset names keep defaults.
 
-        Raises :class:`ConfigError` for an unknown name, a wrong type or a value out of range.
+        Raises :class:`ConfigError` for an unknown name, a wrong type or a value out of range,
+        and for a grid parameter (``grid.*``), which belongs to the model description.
         """
         sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
         for name, value in values.items():
-            spec = SPECS.get(name)
-            if spec is None:
-                raise ConfigError(f"unknown parameter '{name}' = {value!r}: known parameters are "
-                                  + ", ".join(SPECS))
-            section, key = name.split(".", 1)
-            sections[section][key] = spec.check(value)
-        cfg = cls(**{s: _SECTIONS[s](**kw) for s, kw in sections.items()})
-        cfg._check_consistency()
-        return cfg
+            if name in GRID_SPECS:
+                raise ConfigError(grid_is_model_property(name, value))
+            sections.setdefault(name.split(".", 1)[0], {})[name] = value
+        return cls(**{s: _SECTIONS[s](**_check_values(SPECS, kv, s)) if s in _SECTIONS
+                      else _check_values(SPECS, kv, s) for s, kv in sections.items()})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":
@@ -203,24 +279,13 @@ class Config:
                 out[f"{section}.{f.name}"] = getattr(obj, f.name)
         return out
 
-    def _check_consistency(self) -> None:
-        g = self.grid
-        for lo, hi in (("x_min", "x_max"), ("y_min", "y_max"), ("z_min", "z_max")):
-            if getattr(g, lo) >= getattr(g, hi):
-                raise ConfigError(
-                    f"parameter 'grid.{lo}' = {getattr(g, lo)!r} must be below 'grid.{hi}' = "
-                    f"{getattr(g, hi)!r}")
-        for axis in ("x", "y"):
-            extent = getattr(g, f"{axis}_max") - getattr(g, f"{axis}_min")
-            cells = extent / g.resolution
-            if abs(cells - round(cells)) > 1e-6 * max(1.0, cells):
-                raise ConfigError(
-                    f"parameter 'grid.resolution' = {g.resolution!r} must divide the {axis} extent "
-                    f"{extent!r} m into whole cells")
-            if not 1 <= round(cells) <= 8192:
-                raise ConfigError(
-                    f"parameter 'grid.resolution' = {g.resolution!r} gives {round(cells)} cells "
-                    f"along {axis}: allowed [1, 8192]")
+
+def grid_is_model_property(name: str, value: Any) -> str:
+    """The message for a ``grid.*`` value given as a runtime parameter."""
+    return (f"parameter '{name}' = {value!r} is not a runtime parameter: the BEV grid is a "
+            "property of the trained model and is set by its model description (see "
+            "'model.path'); remove it from the parameter file, or run a model trained on the "
+            "grid you want")
 
 
 def unwrap_ros_params(data: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -13,7 +13,10 @@ per-kind throttling, and the node goes on.
 
 Parameters: every entry of ``config.PARAMS``, declared read-only with a ParameterDescriptor
 (description, range or choices). An invalid value stops start-up with one message naming the
-parameter, the value and the allowed range (exit code 2).
+parameter, the value and the allowed range (exit code 2). The BEV grid and the classes are not
+parameters: they come from the model description (``model.path``; default: the model shipped
+with the package), which ships with the weights; an unreadable description, or weights trained
+on another grid, also stop start-up with one message.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 ParameterType)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import PointCloud2
 
-from .config import NODE_NAME, PARAMS, Config, ConfigError, ParamSpec
+from .config import (GRID_SPECS, NODE_NAME, PARAMS, Config, ConfigError, ParamSpec,
+                     grid_is_model_property)
+from .model.description import load_description
 from .pipeline import STAGES, Pipeline, resolve_device
 from .pointcloud import CloudError
 from .ros_io import diagnostics_msg
@@ -61,26 +65,35 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
 def declare_config(node: Node) -> Config:
     """Declare every parameter on ``node`` and return the validated :class:`Config`.
 
+    ``node`` must be created with ``automatically_declare_parameters_from_overrides=True``: the
+    values given at start-up (--params-file, -p) are then declared as given, and this function
+    checks each against our specs first (one uniform message; an integer may stand for a float,
+    as YAML users expect: ``dense_crossover: 1``), then re-declares it read-only with its
+    ParameterDescriptor. Unknown names get a warning and are removed; a ``grid.*`` value is an
+    error, since the grid belongs to the model description.
+
     Raises :class:`ConfigError` naming the parameter, value and allowed range.
     """
-    # The values given at start-up (--params-file, -p). rclpy keeps them on the node; checking
-    # them against our specs first gives one uniform message (and lets an integer stand for a
-    # float, as YAML users expect: `resolution: 1`).
-    overrides = getattr(node, "_parameter_overrides", {})
-    for name in overrides:
-        if name not in {p.name for p in PARAMS} and not name.startswith(_FOREIGN_PARAMS):
+    ours = {p.name for p in PARAMS}
+    given: dict[str, object] = {}
+    for name in node.list_parameters([], 0).names:
+        if name in ours:
+            given[name] = node.get_parameter(name).value
+            node.undeclare_parameter(name)
+        elif name in GRID_SPECS:
+            raise ConfigError(grid_is_model_property(name, node.get_parameter(name).value))
+        elif not name.startswith(_FOREIGN_PARAMS):
             node.get_logger().warning(f"unknown parameter '{name}' ignored")
+            node.undeclare_parameter(name)
+    config = Config.from_flat(given)
+    values = config.to_flat()
     for spec in PARAMS:
-        given = overrides.get(spec.name)
-        if given is not None:
-            value = spec.check(given.value)
-            if spec.type is float and not isinstance(given.value, float):
-                overrides[spec.name] = Parameter(spec.name, value=value)
         try:
-            node.declare_parameter(spec.name, spec.default, descriptor(spec))
+            node.declare_parameter(spec.name, values[spec.name], descriptor(spec),
+                                   ignore_override=True)
         except Exception as exc:  # rclpy's own range/type checks, should ours have passed
             raise ConfigError(f"parameter '{spec.name}': {exc}") from exc
-    return Config.from_flat({p.name: node.get_parameter(p.name).value for p in PARAMS})
+    return config
 
 
 def header_stamp_ns(header) -> int:
@@ -97,13 +110,17 @@ def header_stamp_ns(header) -> int:
 
 class SparseDetectorNode(Node):
     def __init__(self, **kwargs):
-        super().__init__(NODE_NAME, **kwargs)
+        super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True,
+                         **kwargs)
         self.config = declare_config(self)
         cfg = self.config.node
+        # The model description fixes the BEV grid and classes (ModelError, a ConfigError, for
+        # an unreadable description or weights trained on another grid).
+        self.model = load_description(self.config.model.path)
         self.device, warning = resolve_device(cfg.device)
         if warning:
             self.get_logger().warning(warning)
-        self.pipeline = Pipeline(self.config, self.device)
+        self.pipeline = Pipeline(self.config, self.model, self.device)
         self.stats = FrameStats(STAGES)
         self._last_snapshot: dict | None = None
         self._last_log: dict[str, float] = {}
@@ -122,9 +139,10 @@ class SparseDetectorNode(Node):
         self.create_subscription(PointCloud2, "input/points", self._on_cloud, qos)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(cfg.diagnostics_period, self._publish_diagnostics)
-        g = self.config.grid
+        g = self.model.grid
         self.get_logger().info(
-            f"ready on {self.device}: grid {g.shape[0]}x{g.shape[1]} @ {g.resolution} m, "
+            f"ready on {self.device}: model '{self.model.name}' ({self.model.source}), "
+            f"grid {g.shape[0]}x{g.shape[1]} @ {g.resolution} m, "
             f"input '{self.resolve_topic_name('input/points')}' ({cfg.qos_reliability}, "
             f"depth {cfg.qos_depth})")
 

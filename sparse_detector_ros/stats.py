@@ -2,7 +2,9 @@
 
 The subscription callback, the worker thread and the diagnostics timer all touch these
 counters, so every access goes through one lock. :meth:`FrameStats.snapshot` returns a plain
-dict that ``ros_io.diagnostics_msg`` turns into a DiagnosticArray.
+dict that ``ros_io.diagnostics_msg`` turns into a DiagnosticArray. Its ``stage_ms`` holds every
+stage the pipeline timed: the stages given at construction (``pipeline.STAGES``) in their order,
+reported as 0 while no frame ran them, then any other stage a frame reported.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from collections import defaultdict
 class FrameStats:
     def __init__(self, stages: tuple[str, ...]):
         self._lock = threading.Lock()
-        self._stages = stages
         self.frames_received = 0
         self.frames_processed = 0
         self.frames_dropped = 0
@@ -22,7 +23,9 @@ class FrameStats:
         self.last_rejection = ""
         self.points_received = 0
         self.points_kept = 0
-        self._window: dict[str, list[float]] = {s: [] for s in (*stages, "total", "latency")}
+        self._window: dict[str, list[float]] = {s: [] for s in stages}
+        self._total: list[float] = []
+        self._latency: list[float] = []
 
     def received(self) -> None:
         with self._lock:
@@ -46,16 +49,19 @@ class FrameStats:
             self.points_kept = points_kept
             for s, ms in stage_ms.items():
                 self._window.setdefault(s, []).append(ms)
-            self._window["total"].append(sum(stage_ms.values()))
-            self._window["latency"].append(latency_ms)
+            self._total.append(sum(stage_ms.values()))
+            self._latency.append(latency_ms)
 
     def snapshot(self) -> dict:
         """Counters plus mean/max of each timing over the frames since the last snapshot."""
+        def mean_max(v: list[float]) -> tuple[float, float]:
+            return (sum(v) / len(v), max(v)) if v else (0.0, 0.0)
+
         with self._lock:
-            window = {k: (sum(v) / len(v), max(v)) if v else (0.0, 0.0)
-                      for k, v in self._window.items()}
-            frames_in_window = len(self._window["total"])
-            for v in self._window.values():
+            stage_ms = {k: mean_max(v) for k, v in self._window.items()}
+            total, latency = mean_max(self._total), mean_max(self._latency)
+            frames_in_window = len(self._total)
+            for v in (*self._window.values(), self._total, self._latency):
                 v.clear()
             return {
                 "frames_received": self.frames_received,
@@ -67,7 +73,7 @@ class FrameStats:
                 "points_received": self.points_received,
                 "points_kept": self.points_kept,
                 "frames_in_window": frames_in_window,
-                "stage_ms": {s: window[s] for s in self._stages},
-                "total_ms": window["total"],
-                "latency_ms": window["latency"],
+                "stage_ms": stage_ms,
+                "total_ms": total,
+                "latency_ms": latency,
             }

@@ -1,4 +1,5 @@
-"""config: one list of parameters (PARAMS), dataclass defaults, the YAML file, validation."""
+"""config: one list of runtime parameters (PARAMS) and of grid specs (GRID_PARAMS), dataclass
+defaults, the YAML file, validation."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,20 +13,34 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_detector_ros.config import (
-    NODE_NAME, PARAMS, SPECS, Config, ConfigError, GridConfig, NodeConfig, ParamSpec,
-    SparseConfig, flatten, unwrap_ros_params,
+    GRID_PARAMS, GRID_SPECS, NODE_NAME, PARAMS, SPECS, Config, ConfigError, GridConfig,
+    ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten, unwrap_ros_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML_PATH = ROOT / "config" / "sparse_detector.yaml"
 
-NUMERIC = [p for p in PARAMS if p.choices is None and p.type in (int, float)]
-CHOICE = [p for p in PARAMS if p.choices is not None]
+ALL = PARAMS + GRID_PARAMS
+NUMERIC = [p for p in ALL if p.choices is None and p.type in (int, float)]
+CHOICE = [p for p in ALL if p.choices is not None]
 IDS = lambda p: p.name  # noqa: E731
 
 
 def defaults() -> dict:
     return {p.name: p.default for p in PARAMS}
+
+
+def load(flat: dict):
+    """Runtime names through Config, grid names through GridConfig (the model description's
+    validation): both give the same messages."""
+    if flat and all(k.startswith("grid.") for k in flat):
+        return GridConfig.from_flat(flat)
+    return Config.from_flat(flat)
+
+
+def load_nested(nested: dict):
+    return GridConfig.from_dict(nested["grid"]) if list(nested) == ["grid"] \
+        else Config.from_dict(nested)
 
 
 def assert_config_error(exc: pytest.ExceptionInfo, *fragments: str) -> str:
@@ -51,15 +66,29 @@ def test_params_and_dataclass_fields_are_one_to_one_in_order():
 
 
 def test_dataclass_field_defaults_match_specs():
-    for section, cls in (("grid", GridConfig), ("sparse", SparseConfig), ("node", NodeConfig)):
+    sections = (("grid", GridConfig, GRID_SPECS), ("model", ModelConfig, SPECS),
+                ("sparse", SparseConfig, SPECS), ("node", NodeConfig, SPECS))
+    for section, cls, specs in sections:
+        names = [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+        assert names == [p for p in specs if p.startswith(section + ".")]
         for f in dataclasses.fields(cls):
-            spec = SPECS[f"{section}.{f.name}"]
+            spec = specs[f"{section}.{f.name}"]
             assert f.default == spec.default and type(f.default) is spec.type
+    assert GridConfig().to_dict() == {p.name[5:]: p.default for p in GRID_PARAMS}
 
 
-@pytest.mark.parametrize("p", PARAMS, ids=IDS)
+def test_grid_is_not_a_runtime_parameter():
+    assert not set(SPECS) & set(GRID_SPECS)
+    for p in GRID_PARAMS:
+        with pytest.raises(ConfigError) as e:
+            Config.from_flat({p.name: p.default})
+        assert_config_error(e, f"'{p.name}'", "not a runtime parameter", "model description",
+                            "model.path")
+
+
+@pytest.mark.parametrize("p", ALL, ids=IDS)
 def test_spec_is_well_formed(p: ParamSpec):
-    assert re.fullmatch(r"(grid|sparse|node)\.[a-z_]+", p.name)
+    assert re.fullmatch(r"(grid|model|sparse|node)\.[a-z_]+", p.name)
     assert p.description.strip()
     assert p.type in (int, float, str, bool)
     assert p.check(p.default) == p.default  # every default is valid
@@ -76,11 +105,11 @@ def test_from_flat_and_from_dict_of_nothing_are_the_defaults():
 
 
 def test_to_flat_from_flat_round_trip():
-    cfg = Config.from_flat({"grid.resolution": 0.1, "sparse.backend": "torch",
+    cfg = Config.from_flat({"model.path": "/m", "sparse.backend": "torch",
                             "node.qos_depth": 10})
     assert Config.from_flat(cfg.to_flat()) == cfg
-    assert cfg.grid.resolution == 0.1 and cfg.sparse.backend == "torch"
-    assert cfg.node.qos_depth == 10 and cfg.grid.z_slices == 5
+    assert cfg.model.path == "/m" and cfg.sparse.backend == "torch"
+    assert cfg.node.qos_depth == 10 and cfg.sparse.tile_size == 16
 
 
 # --------------------------------------------------------------------------- the YAML file
@@ -108,11 +137,21 @@ def test_yaml_documents_every_allowed_range():
 
 def test_from_yaml_file_with_overrides(tmp_path):
     f = tmp_path / "p.yaml"
-    f.write_text("sparse_detector:\n  ros__parameters:\n    grid:\n      resolution: 0.4\n"
-                 "      z_slices: 8\n    node:\n      device: cpu\n", encoding="utf-8")
+    f.write_text("sparse_detector:\n  ros__parameters:\n    sparse:\n      tile_size: 8\n"
+                 "      pooling: avg\n    node:\n      device: cpu\n", encoding="utf-8")
     cfg = Config.from_yaml(f)
-    assert cfg.grid.resolution == 0.4 and cfg.grid.z_slices == 8 and cfg.node.device == "cpu"
-    assert cfg.grid.shape == (256, 256) and cfg.grid.channels == 10
+    assert cfg.sparse.tile_size == 8 and cfg.sparse.pooling == "avg" and cfg.node.device == "cpu"
+    assert cfg.to_flat() == defaults() | {"sparse.tile_size": 8, "sparse.pooling": "avg",
+                                          "node.device": "cpu"}
+
+
+def test_from_yaml_with_a_grid_value_is_refused(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("sparse_detector:\n  ros__parameters:\n    grid:\n      resolution: 0.4\n",
+                 encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(f)
+    assert_config_error(e, "'grid.resolution' = 0.4", "not a runtime parameter")
 
 
 def test_from_yaml_empty_file_is_defaults(tmp_path):
@@ -132,7 +171,7 @@ def test_from_yaml_bad_value_names_the_parameter(tmp_path):
 
 # --------------------------------------------------------------------------- dict shapes
 
-OVERRIDES = {"grid.x_min": 0.0, "grid.x_max": 70.4, "grid.resolution": 0.1,
+OVERRIDES = {"model.path": "/opt/m", "sparse.tile_size": 32, "sparse.threshold": 0.1,
              "sparse.pooling": "avg", "node.qos_reliability": "reliable"}
 
 
@@ -151,8 +190,8 @@ def test_dict_shapes_all_load(shape):
     data = {
         "dotted": OVERRIDES,
         "nested": nested,
-        "mixed": {"grid": {"x_min": 0.0, "x_max": 70.4}, "grid.resolution": 0.1,
-                  "sparse": {"pooling": "avg"}, "node.qos_reliability": "reliable"},
+        "mixed": {"sparse": {"tile_size": 32, "pooling": "avg"}, "sparse.threshold": 0.1,
+                  "model.path": "/opt/m", "node": {"qos_reliability": "reliable"}},
         "ros": {"sparse_detector": {"ros__parameters": nested}},
         "ros_wildcard": {"/**": {"ros__parameters": nested}},
         "ros_bare": {"ros__parameters": nested},
@@ -161,7 +200,6 @@ def test_dict_shapes_all_load(shape):
     cfg = Config.from_dict(data)
     expected = defaults() | OVERRIDES
     assert cfg.to_flat() == expected
-    assert cfg.grid.shape == (704, 1024)
 
 
 def test_ros_wrapper_with_empty_parameters_is_defaults():
@@ -178,28 +216,35 @@ def test_flatten_and_unwrap():
 
 def test_errors_in_ros_wrapped_dict_name_the_dotted_parameter():
     with pytest.raises(ConfigError) as e:
-        Config.from_dict({"sparse_detector": {"ros__parameters": {"grid": {"z_slices": 0}}}})
-    assert_config_error(e, "'grid.z_slices'", "= 0", "[1, 64]")
+        Config.from_dict({"sparse_detector": {"ros__parameters": {"sparse": {"tile_size": 0}}}})
+    assert_config_error(e, "'sparse.tile_size'", "= 0", "[4, 64]")
 
 
 def test_int_accepted_for_float_parameter_and_stored_as_float():
-    cfg = Config.from_dict({"grid": {"x_min": -50, "x_max": 50, "y_min": -20, "y_max": 20,
-                                     "resolution": 1}})
-    assert cfg.grid.x_min == -50.0 and type(cfg.grid.x_min) is float
-    assert type(cfg.grid.resolution) is float and cfg.grid.shape == (100, 40)
+    cfg = Config.from_dict({"sparse": {"dense_crossover": 1}})
+    assert cfg.sparse.dense_crossover == 1.0 and type(cfg.sparse.dense_crossover) is float
+    g = GridConfig.from_dict({"x_min": -50, "x_max": 50, "y_min": -20, "y_max": 20,
+                              "resolution": 1})
+    assert g.x_min == -50.0 and type(g.x_min) is float
+    assert type(g.resolution) is float and g.shape == (100, 40)
 
 
 def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.grid.resolution = 0.1  # type: ignore[misc]
+        cfg.sparse.tile_size = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GridConfig().resolution = 0.1  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------- bad values
 
 def test_documented_message_format():
     with pytest.raises(ConfigError) as e:
-        Config.from_flat({"grid.resolution": 5.0})
+        Config.from_flat({"sparse.tile_size": 2})
+    assert str(e.value) == "parameter 'sparse.tile_size' = 2 is out of range: allowed [4, 64]"
+    with pytest.raises(ConfigError) as e:
+        GridConfig.from_flat({"grid.resolution": 5.0})
     assert str(e.value) == "parameter 'grid.resolution' = 5.0 is out of range: allowed [0.02, 2.0]"
 
 
@@ -216,12 +261,12 @@ def _above(p):
 def test_out_of_range(p, side):
     value = _below(p) if side == "below" else _above(p)
     with pytest.raises(ConfigError) as e:
-        Config.from_flat({p.name: value})
+        load({p.name: value})
     assert_config_error(e, f"'{p.name}'", repr(p.type(value)), f"[{p.min}, {p.max}]",
                         "out of range")
     # Same through a nested dict and through the ParamSpec itself.
     with pytest.raises(ConfigError) as e:
-        Config.from_dict(_nested({p.name: value}))
+        load_nested(_nested({p.name: value}))
     assert_config_error(e, f"'{p.name}'", f"[{p.min}, {p.max}]")
     with pytest.raises(ConfigError):
         p.check(value)
@@ -240,11 +285,11 @@ def _wrong_types(p):
     return [1, 1.5, True, None, ["auto"]]
 
 
-@pytest.mark.parametrize("p", PARAMS, ids=IDS)
+@pytest.mark.parametrize("p", ALL, ids=IDS)
 def test_wrong_type(p):
     for value in _wrong_types(p):
         with pytest.raises(ConfigError) as e:
-            Config.from_flat({p.name: value})
+            load({p.name: value})
         assert_config_error(e, f"'{p.name}'", repr(value), "wrong type", p.type.__name__,
                             f"allowed {p.allowed()}")
 
@@ -253,7 +298,7 @@ def test_wrong_type(p):
 @pytest.mark.parametrize("p", [p for p in NUMERIC if p.type is float], ids=IDS)
 def test_non_finite_float(p, value):
     with pytest.raises(ConfigError) as e:
-        Config.from_flat({p.name: value})
+        load({p.name: value})
     assert_config_error(e, f"'{p.name}'", repr(value), f"[{p.min}, {p.max}]")
 
 
@@ -275,7 +320,7 @@ def test_every_choice_accepted(p):
 
 
 @pytest.mark.parametrize("name", ["grid.bogus", "bogus", "grid", "sparse.tile", "node.device.x",
-                                  "Grid.resolution"])
+                                  "Grid.resolution", "model", "sparse.node.device"])
 def test_unknown_name(name):
     with pytest.raises(ConfigError) as e:
         Config.from_flat({name: 0.25})
@@ -286,7 +331,10 @@ def test_unknown_name(name):
 
 def test_unknown_name_in_nested_dict_is_dotted():
     with pytest.raises(ConfigError) as e:
-        Config.from_dict({"grid": {"resolutoin": 0.1}})
+        Config.from_dict({"sparse": {"tile_sise": 8}})
+    assert_config_error(e, "'sparse.tile_sise'", "8", "sparse.tile_size")
+    with pytest.raises(ConfigError) as e:
+        GridConfig.from_dict({"resolutoin": 0.1})
     assert_config_error(e, "'grid.resolutoin'", "0.1", "grid.resolution")
 
 
@@ -302,7 +350,7 @@ def test_min_not_below_max(axis, delta):
     lo = {"x": -51.2, "y": -51.2, "z": -3.0}[axis]
     bad_max = lo + delta
     with pytest.raises(ConfigError) as e:
-        Config.from_flat({f"grid.{axis}_max": bad_max})
+        GridConfig.from_flat({f"grid.{axis}_max": bad_max})
     assert_config_error(e, f"'grid.{axis}_min'", repr(lo), f"'grid.{axis}_max'", repr(bad_max),
                         "below")
 
@@ -310,19 +358,19 @@ def test_min_not_below_max(axis, delta):
 @pytest.mark.parametrize("res,axis", [(0.3, "x"), (0.15, "x"), (0.7, "x")])
 def test_resolution_must_divide_extent(res, axis):
     with pytest.raises(ConfigError) as e:
-        Config.from_flat({"grid.resolution": res})
+        GridConfig.from_flat({"grid.resolution": res})
     assert_config_error(e, "'grid.resolution'", repr(res), "102.4", "whole cells")
 
 
 def test_resolution_must_divide_y_extent_too():
     with pytest.raises(ConfigError) as e:
-        Config.from_flat({"grid.y_min": -51.1, "grid.resolution": 0.2})
+        GridConfig.from_flat({"grid.y_min": -51.1, "grid.resolution": 0.2})
     assert_config_error(e, "'grid.resolution'", "0.2", "y extent", "whole cells")
 
 
 def test_too_many_cells():
     with pytest.raises(ConfigError) as e:
-        Config.from_flat({"grid.x_min": -250.0, "grid.x_max": 250.0, "grid.resolution": 0.02})
+        GridConfig.from_flat({"grid.x_min": -250.0, "grid.x_max": 250.0, "grid.resolution": 0.02})
     assert_config_error(e, "'grid.resolution'", "0.02", "25000 cells", "[1, 8192]")
 
 
@@ -336,7 +384,7 @@ def test_too_many_cells():
       "grid.resolution": 2.0}, (1, 1)),
 ])
 def test_valid_grids_and_shapes(flat, shape):
-    g = Config.from_flat(flat).grid
+    g = GridConfig.from_flat(flat)
     assert g.shape == shape and g.channels == g.z_slices + 2
 
 
@@ -347,11 +395,12 @@ def _valid_values(p: ParamSpec):
         return st.sampled_from(p.choices)
     if p.type is int:
         return st.integers(int(p.min), int(p.max))
+    if p.type is str:
+        return st.text(max_size=20)
     return st.floats(p.min, p.max, allow_nan=False)
 
 
-_FREE = [p for p in PARAMS if not p.name.startswith("grid.")] + [
-    SPECS["grid.z_slices"], SPECS["grid.intensity_max"], SPECS["grid.density_saturation"]]
+_FREE = PARAMS
 
 
 @settings(max_examples=150, deadline=None)

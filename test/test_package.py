@@ -2,6 +2,7 @@
 node starting and stopping cleanly, the CLI and the launch file."""
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,42 @@ def test_package_xml_is_format3_ament_python_with_declared_dependencies():
     assert root.find("export/build_type").text == "ament_python"
     exec_deps = {e.text for e in root.findall("exec_depend")}
     assert {"rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "nav_msgs",
-            "visualization_msgs", "diagnostic_msgs", "vision_msgs", "python3-numpy",
-            "python3-yaml"} <= exec_deps
+            "visualization_msgs", "diagnostic_msgs", "vision_msgs", "tf2_ros", "python3-numpy",
+            "python3-yaml", "python3-torch"} <= exec_deps
+    assert len(exec_deps) == len(root.findall("exec_depend"))  # no key twice
     assert "python3-pytest" in {e.text for e in root.findall("test_depend")}
     assert (ROOT / "resource" / "sparse_detector_ros").exists()
+
+
+# ROS packages and Python libraries the code imports -> the package.xml key that provides them.
+_ROSDEP_KEYS = {"numpy": "python3-numpy", "yaml": "python3-yaml", "torch": "python3-torch",
+                "PIL": "python3-pil", "shapely": "python3-shapely", "tqdm": "python3-tqdm",
+                "matplotlib": "python3-matplotlib"}
+_ROS = re.compile(r"^(rclpy|rcl_interfaces|[a-z0-9_]+_msgs|tf2_ros|launch|launch_ros|"
+                  r"ament_index_python)$")
+_NOT_ROSDEP = {"builtin_interfaces", "cupy", "rosbags"}  # with rclpy / optional / pip only
+
+
+def test_every_import_of_the_code_is_declared_in_package_xml():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    declared = {e.text for e in root.findall("exec_depend")}
+    std = set(sys.stdlib_module_names) | {"sparse_detector_ros", "setuptools"}
+    missing = set()
+    for path in [*(ROOT / "sparse_detector_ros").rglob("*.py"), *(ROOT / "launch").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for top in (n.split(".")[0] for n in names):
+                if top in std or top in _NOT_ROSDEP:
+                    continue
+                key = top if _ROS.match(top) else _ROSDEP_KEYS.get(top, f"<no key for {top}>")
+                if key not in declared:
+                    missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, f"imported but not declared in package.xml: {sorted(missing)}"
 
 
 def test_launch_file_is_valid_python_naming_the_installed_executable():
@@ -90,6 +123,7 @@ def test_colcon_build_installs_share_files(colcon_install):
     assert (share / "config" / "sparse_detector.yaml").is_file()
     assert (share / "config" / "fastdds_local_large_data.xml").is_file()
     assert any((share / "kernels").glob("*.cu"))
+    assert (share / "models" / "default" / "model.yaml").is_file()
     marker = (colcon_install / "share" / "ament_index" / "resource_index" / "packages"
               / "sparse_detector_ros")
     assert marker.exists()
@@ -101,7 +135,8 @@ def test_colcon_installed_node_starts_and_stops_cleanly(colcon_install):
     site = next(colcon_install.glob("lib/python3*/site-packages"))
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                AMENT_PREFIX_PATH=str(colcon_install), PYTHONUNBUFFERED="1")
-    params = colcon_install / "share" / "sparse_detector_ros" / "config" / "sparse_detector.yaml"
+    share = colcon_install / "share" / "sparse_detector_ros"
+    params = share / "config" / "sparse_detector.yaml"
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, str(exe), "--ros-args", "--params-file",
                                  str(params)], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -115,12 +150,15 @@ def test_colcon_installed_node_starts_and_stops_cleanly(colcon_install):
                     break
                 time.sleep(0.2)
             assert "ready on" in text, text
+            # the model description shipped in the installed share dir
+            assert f"({share / 'models' / 'default' / 'model.yaml'})" in text, text
             proc.send_signal(2)  # SIGINT
             assert proc.wait(timeout=30) == 0
         finally:
             if proc.poll() is None:
                 proc.kill()
     # It ran the installed copy, not the source tree.
-    out = subprocess.run([sys.executable, "-c", "import sparse_detector_ros as p; print(p.__file__)"],
+    out = subprocess.run([sys.executable, "-c",
+                          "import sparse_detector_ros as p; print(p.__file__)"],
                          env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert str(site) in out.stdout, out.stdout + out.stderr
