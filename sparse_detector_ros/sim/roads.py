@@ -7,8 +7,8 @@ left of the direction of travel (REP-103: heading about +z, left = +90 deg).
 
 Cross-section, from the centre line outwards on each side (right-hand traffic)::
 
-    | lane (lane_width) | parking strip (parking_width, optional) | sidewalk (sidewalk_width) |
-    0                  lane_width                                half_width                 + sidewalk
+    | lane (lane_width) | parking strip (parking_width, opt.) | sidewalk (sidewalk_width) |
+    0                  lane_width                            half_width                + sidewalk
 
 Vehicles travelling towards +s use the right lane (``l < 0``), towards -s the left lane.
 Everything here is vectorised over query points; no Python loop per point.

@@ -282,7 +282,9 @@ def _scenery(rng, roads):
 
 def _actors(rng, roads, intersections, placer, density):
     actors = []
-    paint = lambda: float(rng.choice([rng.uniform(0.06, 0.15), rng.uniform(0.15, 0.6)]))
+
+    def paint() -> float:
+        return float(rng.choice([rng.uniform(0.06, 0.15), rng.uniform(0.15, 0.6)]))
 
     def add(cls, subtype, size, road, s0, l0, v_s=0.0, v_l=0.0, l_range=(-1e9, 1e9), yaw=0.0):
         L, W, H = size
