@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..boxes import count_points_in_boxes
 from .lidar import LidarModel
 from .raycast import GROUND, SURFACE, Primitives, cast_rays, ray_grid
 from .roadmap import GROUND_REFLECTIVITY
@@ -67,46 +68,16 @@ class Frame:
     range_true: np.ndarray | None = None
 
 
-def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """(K, N) bool: which points lie inside which boxes (x, y, z, l, w, h, yaw)."""
-    p = np.asarray(points, dtype=np.float64)[:, :3]
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
-    dx = p[None, :, 0] - b[:, None, 0]
-    dy = p[None, :, 1] - b[:, None, 1]
-    c, s = np.cos(b[:, 6])[:, None], np.sin(b[:, 6])[:, None]
-    lx = c * dx + s * dy
-    ly = -s * dx + c * dy
-    lz = p[None, :, 2] - b[:, None, 2]
-    return ((np.abs(lx) <= b[:, None, 3] / 2) & (np.abs(ly) <= b[:, None, 4] / 2)
-            & (np.abs(lz) <= b[:, None, 5] / 2))
-
-
 def counting_boxes(boxes, margin: float, lift: float | None = None) -> np.ndarray:
-    """Boxes grown by ``margin`` on the sides and the top, with the floor raised by ``lift``
-    (default ``margin``): the region whose points :func:`count_points_in_boxes` counts."""
+    """(K, 7) boxes grown by ``margin`` on the sides and the top, with the floor raised by
+    ``lift`` (default ``margin``): the region whose points a frame's ``num_points`` counts
+    (with :func:`sparse_detector_ros.boxes.count_points_in_boxes`)."""
     lift = margin if lift is None else lift
     b = np.array(boxes, dtype=np.float64).reshape(-1, 7)
     b[:, 2] += (margin + lift) / 2
     b[:, 3:5] += 2 * margin
     b[:, 5] += margin - lift
     return b
-
-
-def count_points_in_boxes(points, boxes, margin: float = 0.0, lift: float | None = None
-                          ) -> np.ndarray:
-    """Points inside each box (K,), optionally grown with :func:`counting_boxes`. Points are
-    sorted by x once; each box then tests only the points within its radius in x."""
-    b = counting_boxes(boxes, margin, lift)
-    p = np.asarray(points)[:, :3]
-    order = np.argsort(p[:, 0], kind="stable")
-    xs = p[order, 0]
-    out = np.zeros(len(b), np.int64)
-    for k in range(len(b)):
-        r = 0.5 * np.hypot(b[k, 3], b[k, 4]) + 1e-6
-        lo, hi = np.searchsorted(xs, [b[k, 0] - r, b[k, 0] + r])
-        if hi > lo:
-            out[k] = int(points_in_boxes(p[order[lo:hi]], b[k:k + 1]).sum())
-    return out
 
 
 def count_margin(lidar: LidarModel) -> tuple[float, float]:
@@ -214,7 +185,7 @@ def render_frame(scene: Scene, lidar: LidarModel, index: int, *, keep_truth: boo
         subtypes.append(a.subtype)
         ids.append(a.id)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 7)
-    num = count_points_in_boxes(pts, boxes, *count_margin(lidar))
+    num = count_points_in_boxes(pts, counting_boxes(boxes, *count_margin(lidar)))
     ex, ey, eyaw = (float(v) for v in scene.ego.pose(scene.roads, t))
     evx, evy, ewz = (float(v) for v in scene.ego.velocity(scene.roads, t))
     twist = np.array([c * evx + s * evy, -s * evx + c * evy, ewz])
