@@ -1,4 +1,4 @@
-"""bev.Rasterizer / rasterize: points -> (1, C, H, W) BEV features.
+"""bev.Rasterizer / rasterize / rasterize_batch: points -> (B, C, H, W) BEV features.
 
 The reference is a plain Python loop over the points (float64 arithmetic). The random grids use
 bounds and resolutions that are exact in binary (multiples of 1/4 m) and points on a 1/16 m
@@ -7,6 +7,8 @@ lattice, so float32 and float64 agree exactly on every cell index, boundaries in
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_detector_ros.bev import Rasterizer, rasterize
+from sparse_detector_ros.bev import Rasterizer, rasterize, rasterize_batch
 from sparse_detector_ros.config import GridConfig
 
 HYP = settings(max_examples=200, deadline=None,
@@ -188,8 +190,13 @@ def test_density_reaches_exactly_one_at_saturation():
 def test_values_are_in_unit_range():
     rng = np.random.default_rng(1)
     pts = np.c_[rng.uniform(-6, 6, (5000, 3)), rng.uniform(-50, 500, 5000)].astype(np.float32)
-    bev, _ = run(pts)
-    assert bev.min() >= 0.0 and bev.max() <= 1.0
+    bev, n = run(pts)
+    ref, n_ref = reference(pts, SMALL)
+    assert n == n_ref
+    np.testing.assert_allclose(bev.numpy(), ref, rtol=1e-6, atol=1e-7)
+    # intensities up to 5x intensity_max and dense cells both reach exactly 1, never more
+    assert bev.min() == 0.0 and bev.max() == 1.0
+    assert bev[0, SMALL.z_slices].max() == 1.0 and bev[0, SMALL.z_slices + 1].max() == 1.0
     occ = bev[0, :SMALL.z_slices]
     assert torch.all((occ == 0) | (occ == 1))
     # Occupied in some slice <=> density > 0.
@@ -268,12 +275,16 @@ def test_default_grid_boundaries():
 
 
 def test_cell_edges_belong_to_the_upper_cell():
-    # x = x_min + k*res exactly is the first value of row k.
-    pts = np.float32([[-4.0 + 0.5 * k, 0.0, 0.0, 0.0] for k in range(16)])
+    # x = x_min + k*res exactly is the first value of row k, x just below it the last of row
+    # k-1: each of the 16 rows gets exactly 2 points (floor, not round or ceil).
+    pts = np.float32([[-4.0 + 0.5 * k, 0.0, 0.0, 0.0] for k in range(16)]
+                     + [[-4.0 + 0.5 * k - 0.01, 0.0, 0.0, 0.0] for k in range(1, 17)])
     bev, n = run(pts)
-    assert n == 16
+    assert n == 32
     rows = bev[0, -1, :, cell(SMALL, 0.0, 0.0)[1]]
-    assert torch.all(rows > 0)
+    expected = math.log1p(2) / math.log(SMALL.density_saturation)
+    np.testing.assert_allclose(rows.numpy(), np.full(16, expected, np.float32), rtol=1e-6)
+    assert bev[0, -1].sum().item() == pytest.approx(16 * expected, rel=1e-6)
 
 
 def test_empty_and_all_dropped_clouds_give_zeros():
@@ -389,6 +400,71 @@ def test_cuda_matches_cpu():
     gpu, m = Rasterizer(SMALL, "cuda")(pts)
     assert gpu.device.type == "cuda" and m == n
     assert torch.equal(gpu.cpu(), cpu)
+    clouds = [_cloud(10), pts[:0], torch.from_numpy(_cloud(11)).cuda(), pts]
+    cpu_b, n_cpu = Rasterizer(SMALL).batch([torch.as_tensor(c).cpu() for c in clouds])
+    gpu_b, n_gpu = Rasterizer(SMALL, "cuda").batch(clouds)   # mixed host/device inputs
+    assert gpu_b.device.type == "cuda" and n_gpu == n_cpu
+    assert torch.equal(gpu_b.cpu(), cpu_b)
+
+
+# --------------------------------------------------------------------------- batches
+
+def test_batch_equals_stacked_single_clouds():
+    r = Rasterizer(SMALL)
+    clouds = [_cloud(20), np.zeros((0, 4), np.float32), _cloud(21, 50)[::-1],
+              torch.from_numpy(_cloud(22, 700)).double(), np.float32([[0.1, 0.1, 0.0, 30.0]])]
+    bev, kept = r.batch(clouds)
+    assert bev.shape == (5, SMALL.channels, *SMALL.shape) and bev.dtype == torch.float32
+    singles = [r(c) for c in clouds]
+    assert kept == [n for _, n in singles] and kept[1] == 0 and kept[4] == 1
+    assert torch.equal(bev, torch.cat([b for b, _ in singles]))
+    # each sample holds only its own points: the one-point cloud lights one cell
+    assert int((bev[4, -1] > 0).sum()) == 1 and not bev[1].any()
+
+
+def test_batch_of_one_equals_the_single_call_and_rasterize_batch():
+    pts = _cloud(23)
+    bev, n = run(pts)
+    bb, kept = Rasterizer(SMALL).batch([pts])
+    assert kept == [n] and torch.equal(bb, bev)
+    assert torch.equal(rasterize_batch([pts, pts], SMALL), torch.cat([bev, bev]))
+
+
+def test_batch_rejects_non_lists_and_names_the_bad_cloud():
+    r = Rasterizer(SMALL)
+    with pytest.raises(ValueError, match="non-empty list"):
+        r.batch([])
+    with pytest.raises(ValueError, match=r"got an array of shape \(10, 4\)"):
+        r.batch(np.zeros((10, 4), np.float32))
+    with pytest.raises(ValueError, match=r"clouds\[1\] must have shape"):
+        r.batch([np.zeros((3, 4), np.float32), np.zeros((3, 3), np.float32)])
+
+
+# --------------------------------------------------------------------------- warnings
+
+def test_import_keeps_warning_filters_and_read_only_input_does_not_warn():
+    # torch warns once per process, so a fresh interpreter is the only honest place to look.
+    code = """if True:
+        import warnings
+        import numpy as np
+        import torch
+        from sparse_detector_ros.config import GridConfig
+        before = list(warnings.filters)
+        from sparse_detector_ros.bev import Rasterizer
+        assert warnings.filters == before, "importing bev changed warnings.filters"
+        warnings.simplefilter("error")       # any warning now raises
+        strict = list(warnings.filters)
+        pts = np.frombuffer(np.float32([[0.1, 0.2, 0.0, 1.0]]).tobytes(), np.float32)
+        pts = pts.reshape(-1, 4)
+        assert not pts.flags.writeable
+        bev, n = Rasterizer(GridConfig())(pts)
+        bb, kept = Rasterizer(GridConfig()).batch([pts, pts])
+        assert n == 1 and kept == [1, 1]
+        assert warnings.filters == strict, "rasterizing left warnings.filters changed"
+        print("ok")
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
 
 
 # --------------------------------------------------------------------------- vs reference
@@ -442,3 +518,18 @@ def test_matches_naive_reference(case, as_torch):
     np.testing.assert_array_equal(got[0, :zs], ref[0, :zs])
     np.testing.assert_allclose(got[0, zs], ref[0, zs], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got[0, zs + 1], ref[0, zs + 1], rtol=1e-6, atol=1e-7)
+
+
+@HYP
+@given(cases=st.lists(grids_and_points(), min_size=1, max_size=4))
+def test_batch_matches_naive_reference(cases):
+    g = cases[0][0]
+    clouds = [pts for _, pts in cases]
+    bev, kept = Rasterizer(g).batch(clouds)
+    zs = g.z_slices
+    for b, pts in enumerate(clouds):
+        ref, n_ref = reference(pts, g)
+        assert kept[b] == n_ref
+        got = bev[b:b + 1].numpy()
+        np.testing.assert_array_equal(got[0, :zs], ref[0, :zs])
+        np.testing.assert_allclose(got[0, zs:], ref[0, zs:], rtol=1e-6, atol=1e-7)

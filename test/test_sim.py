@@ -10,13 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparse_detector_ros.boxes import count_points_in_boxes, points_in_boxes
 from sparse_detector_ros.sim import (CLASSES, PRESETS, Actor, Scene, generate_scene, get_lidar,
-                                     load_map, points_in_boxes, render_frame)
+                                     render_frame)
 from sparse_detector_ros.sim import shapes
-from sparse_detector_ros.sim.frames import (count_margin, count_points_in_boxes, counting_boxes,
-                                             scene_primitives, sensor_pose)
+from sparse_detector_ros.sim.frames import (count_margin, counting_boxes, scene_primitives,
+                                             sensor_pose)
 from sparse_detector_ros.sim.raycast import (GROUND, SURFACE, Primitives, cast_rays,
                                              surface_distance)
+from sparse_detector_ros.config import GridConfig
+from sparse_detector_ros.masks import load_map, map_in_sensor_frame
 from sparse_detector_ros.sim.roads import Road
 
 # small sensors keep the suite fast; the geometry is the same as the full presets
@@ -183,8 +186,8 @@ def test_box_point_counts_match_the_points(scene, frame):
     m = count_margin(SMALL)
     inside = points_in_boxes(frame.points, counting_boxes(frame.boxes, *m))   # brute force
     np.testing.assert_array_equal(frame.num_points, inside.sum(1))
-    np.testing.assert_array_equal(count_points_in_boxes(frame.points, frame.boxes, *m),
-                                  inside.sum(1))
+    np.testing.assert_array_equal(
+        count_points_in_boxes(frame.points, counting_boxes(frame.boxes, *m)), inside.sum(1))
     # no ground return is counted
     assert not inside[:, frame.owner == GROUND].any()
     assert (frame.num_points > 0).sum() >= 3
@@ -287,24 +290,26 @@ def test_road_map_follows_the_nav2_map_server_format(tmp_path, scene):
     assert isinstance(meta["resolution"], float) and len(meta["origin"]) == 3
     assert 0 < meta["free_thresh"] < meta["occupied_thresh"] < 1
     img = Image.open(tmp_path / meta["image"])
-    assert img.mode == "L" and img.size == (rm.shape[1], rm.shape[0])
-    occ, _ = load_map(tmp_path / "map.yaml")
+    # image width runs along x, its top row is the largest y (map_server); rasters are (x, y)
+    assert img.mode == "L" and img.size == rm.shape
+    np.testing.assert_array_equal(np.asarray(img)[::-1].T, rm.occupancy_image())
+    occ = load_map(tmp_path / "map.yaml").occupancy
     # drivable road is free, off-road is occupied; origin = lower-left corner
     x, y, _ = scene.ego.pose(scene.roads, np.linspace(0, scene.duration, 10))
-    col = ((x - meta["origin"][0]) / meta["resolution"]).astype(int)
-    row = ((y - meta["origin"][1]) / meta["resolution"]).astype(int)
-    assert np.all(occ[row, col] == 0)
+    i = ((x - meta["origin"][0]) / meta["resolution"]).astype(int)
+    j = ((y - meta["origin"][1]) / meta["resolution"]).astype(int)
+    assert np.all(occ[i, j] == 0)
     assert np.all(occ[rm.surface == SURFACE["terrain"]] == 100)
     assert np.all(occ[rm.drivable] == 0)
     assert rm.drivable.mean() > 0.03
 
 
 def test_map_resampled_into_the_sensor_frame_matches_the_points(scene, frame):
-    from sparse_detector_ros.sim.roadmap import ROAD_VALUE, map_in_sensor_frame
+    from sparse_detector_ros.sim.roadmap import ROAD_VALUE
     rm = scene.roadmap()
     pose = frame.ego_pose[[0, 1, 3]]
-    local = map_in_sensor_frame(rm.occupancy_image(), rm.origin, rm.resolution, pose,
-                                (-40.0, 40.0), (-20.0, 20.0), 0.5)
+    grid = GridConfig(x_min=-40.0, x_max=40.0, y_min=-20.0, y_max=20.0, resolution=0.5)
+    local = map_in_sensor_frame(rm.occupancy_image(), rm.origin, rm.resolution, pose, grid)
     assert local.shape == (160, 80)
     assert local[80, 40] == ROAD_VALUE                   # under the ego: road
     # ground returns labelled road/marking fall on road cells of the resampled map
@@ -395,6 +400,9 @@ def test_dataset_yields_frames_and_reads_its_cache(tmp_path, monkeypatch):
     again = ds_mod.SimDataset(2, 2, seed=3, lidar=TINY, cache_dir=tmp_path)[3]
     for k in ("points", "boxes", "labels", "num_points", "pose"):
         assert torch.equal(item[k], again[k])
+    # the map, cached too, is the scene's (x, y) raster
+    assert torch.equal(item["map"]["image"], again["map"]["image"])
+    assert item["map"]["image"].shape == ds.scene(1).roadmap().shape
     batch = ds_mod.collate_frames([item, again])
     assert len(batch["points"]) == 2
 

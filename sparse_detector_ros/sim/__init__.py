@@ -7,11 +7,10 @@ ROS-free (numpy; torch only for :mod:`.dataset`; ``rosbags`` only for :mod:`.exp
     scene = generate_scene(seed=0, duration=5.0)          # 51 frames at 10 Hz
     frame = render_frame(scene, get_lidar("hdl64e"), 0)  # points, boxes, pose, labels
 """
-from .frames import Frame, count_points_in_boxes, points_in_boxes, render_frame
+from .frames import Frame, render_frame
 from .lidar import DEFAULT_PRESET, PRESETS, LidarModel, get_lidar
-from .roadmap import RoadMap, load_map, map_in_sensor_frame
+from .roadmap import RoadMap
 from .world import CLASSES, FRAME_RATE, Actor, Scene, generate_scene
 
-__all__ = ["Frame", "render_frame", "points_in_boxes", "count_points_in_boxes", "LidarModel",
-           "PRESETS", "DEFAULT_PRESET", "get_lidar", "RoadMap", "load_map",
-           "map_in_sensor_frame", "CLASSES", "FRAME_RATE", "Actor", "Scene", "generate_scene"]
+__all__ = ["Frame", "render_frame", "LidarModel", "PRESETS", "DEFAULT_PRESET", "get_lidar",
+           "RoadMap", "CLASSES", "FRAME_RATE", "Actor", "Scene", "generate_scene"]

@@ -11,8 +11,8 @@ uses seed ``seed + k``. Each item is a dict::
     labels      (K,) int64              index into CLASSES ("car", "pedestrian", "cyclist")
     num_points  (K,) int64              LiDAR points inside each box
     pose        (4,) float64            x, y, z, yaw of base_link in ``map``
-    map         dict: image (H, W) uint8 nav2 values (255 road, 230 sidewalk, 0 other; row 0
-                = smallest y), origin (x, y) [m], resolution [m]
+    map         dict: image (X, Y) uint8 nav2 values (255 road, 230 sidewalk, 0 other; row =
+                x index, col = y index, as bev.py), origin (x, y) [m], resolution [m]
     scene, frame, mount_height          ints / float
 
 Use :func:`collate_frames` as ``collate_fn`` (clouds and box lists differ in length).
@@ -67,7 +67,7 @@ class SimDataset(Dataset):
 
     def _key(self, scene_idx: int) -> str:
         spec = dict(seed=self.seed + scene_idx, duration=self.duration, density=self.density,
-                    lidar=repr(self.lidar), v=1)
+                    lidar=repr(self.lidar), v=2)   # v2: map images are (x, y) rasters
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def scene(self, scene_idx: int):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..boxes import corners_bev
 from .frames import Frame
 from .roadmap import ROAD_VALUE, WALKABLE_VALUE
 from .world import Scene
@@ -14,17 +15,6 @@ def _to_world(frame: Frame, xy):
     ex, ey, _, eyaw = frame.ego_pose
     c, s = np.cos(eyaw), np.sin(eyaw)
     return ex + c * xy[:, 0] - s * xy[:, 1], ey + s * xy[:, 0] + c * xy[:, 1]
-
-
-def box_corners(boxes) -> np.ndarray:
-    """(K, 4, 2) BEV corners of (x, y, z, l, w, h, yaw) boxes."""
-    b = np.asarray(boxes, np.float64).reshape(-1, 7)
-    lx = np.array([1, 1, -1, -1]) * 0.5
-    ly = np.array([1, -1, -1, 1]) * 0.5
-    c, s = np.cos(b[:, 6])[:, None], np.sin(b[:, 6])[:, None]
-    px = lx[None] * b[:, 3:4]
-    py = ly[None] * b[:, 4:5]
-    return np.stack([b[:, :1] + c * px - s * py, b[:, 1:2] + s * px + c * py], axis=-1)
 
 
 def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
@@ -44,13 +34,15 @@ def render_preview(scene: Scene, frame: Frame, path, half_extent: float = 60.0,
     colour[:] = (0.97, 0.97, 0.94)
     colour[img == WALKABLE_VALUE] = (0.88, 0.88, 0.93)
     colour[img == ROAD_VALUE] = (0.78, 0.78, 0.82)
-    extent = (rm.origin[0], rm.origin[0] + img.shape[1] * rm.resolution,
-              rm.origin[1], rm.origin[1] + img.shape[0] * rm.resolution)
+    # the raster is (x, y) (bev.py convention); imshow wants rows along y
+    colour = colour.transpose(1, 0, 2)
+    extent = (rm.origin[0], rm.origin[0] + img.shape[0] * rm.resolution,
+              rm.origin[1], rm.origin[1] + img.shape[1] * rm.resolution)
     wx, wy = _to_world(frame, frame.points[:, :2])
     z = frame.points[:, 2]
     ground = frame.owner == -2
     actor = frame.owner >= 0          # returns from cars, pedestrians, cyclists: black
-    corners = box_corners(frame.boxes)
+    corners = corners_bev(frame.boxes)      # front corners first
     ex, ey, _, eyaw = frame.ego_pose
 
     fig, axes = plt.subplots(1, 2, figsize=(16, 8.4))
