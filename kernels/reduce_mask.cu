@@ -5,9 +5,17 @@
 // pooled has the mask's type. Outputs are per tile, (N, Ty, Tx) contiguous:
 //   pooled[n, ty, tx]  the max (avg == 0) or mean (avg != 0) of mask over the tile's window
 //                      rows [ty*sh + oy, ty*sh + oy + th) x cols [tx*sw + ox, tx*sw + ox + tw),
-//                      clipped to the map; 0 when the window has no in-map cell. A NaN in the
-//                      window gives NaN (never active), as torch's pooling does.
-//   active[n, ty, tx]  1 iff the window has an in-map cell and pooled > threshold, else 0.
+//                      clipped to the map, stored in the mask's type; 0 when the window has no
+//                      in-map cell. A NaN in the window gives NaN (never active), as torch's
+//                      pooling does.
+//   active[n, ty, tx]  1 iff the window has an in-map cell and its pooled value > threshold,
+//                      else 0. The comparison is done in double, with the threshold passed as
+//                      a double, for both mask types.
+// The mean is the window's sum in double (cells added in row-major order) divided in double by
+// the number of in-map cells, and that double mean (not its float rounding) is compared: the
+// same arithmetic as the torch backend (reduce_mask in torch_backend.py: float64 sum and
+// division, float64 comparison), so both backends pick the same tiles, ties included. For 0/1
+// masks the double sum is exact, so the decision does not depend on the summation order.
 // The host turns `active` into sorted (n, ty, tx) indices with an ordered stream compaction
 // (torch.nonzero), so the result is deterministic; this kernel only classifies tiles.
 //
@@ -19,7 +27,7 @@ __device__ __forceinline__ void reduce_mask_impl(
     const T* __restrict__ mask, T* __restrict__ pooled, int* __restrict__ active,
     int N, int H, int W, int Ty, int Tx,
     int th, int tw, int sh, int sw, int oy, int ox,
-    T threshold, int avg)
+    double threshold, int avg)
 {
     const long long total = (long long)N * Ty * Tx;
     const long long step = (long long)gridDim.x * blockDim.x;
@@ -41,12 +49,14 @@ __device__ __forceinline__ void reduce_mask_impl(
         int flag = 0;
         if (y0 < y1 && x0 < x1) {
             if (avg) {
-                double sum = 0.0;  // double: for float32 masks the mean does not depend on the order
+                double sum = 0.0;
                 for (int y = y0; y < y1; ++y) {
                     const T* row = plane + (long long)y * W;
                     for (int x = x0; x < x1; ++x) sum += (double)row[x];
                 }
-                value = (T)(sum / (double)((long long)(y1 - y0) * (x1 - x0)));
+                const double mean = sum / (double)((long long)(y1 - y0) * (x1 - x0));
+                value = (T)mean;
+                flag = mean > threshold ? 1 : 0;
             } else {
                 value = plane[(long long)y0 * W + x0];
                 for (int y = y0; y < y1; ++y) {
@@ -56,8 +66,8 @@ __device__ __forceinline__ void reduce_mask_impl(
                         if (v > value || v != v) value = v;  // a NaN in the window wins (as torch)
                     }
                 }
+                flag = (double)value > threshold ? 1 : 0;
             }
-            flag = value > threshold ? 1 : 0;
         }
         pooled[t] = value;
         active[t] = flag;
@@ -67,9 +77,10 @@ __device__ __forceinline__ void reduce_mask_impl(
 extern "C" __global__ void reduce_mask_f32(
     const float* __restrict__ mask, float* __restrict__ pooled, int* __restrict__ active,
     int N, int H, int W, int Ty, int Tx, int th, int tw, int sh, int sw, int oy, int ox,
-    float threshold, int avg)
+    double threshold, int avg)
 {
-    reduce_mask_impl<float>(mask, pooled, active, N, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, threshold, avg);
+    reduce_mask_impl<float>(mask, pooled, active, N, H, W, Ty, Tx, th, tw, sh, sw, oy, ox,
+                            threshold, avg);
 }
 
 extern "C" __global__ void reduce_mask_f64(
@@ -77,5 +88,6 @@ extern "C" __global__ void reduce_mask_f64(
     int N, int H, int W, int Ty, int Tx, int th, int tw, int sh, int sw, int oy, int ox,
     double threshold, int avg)
 {
-    reduce_mask_impl<double>(mask, pooled, active, N, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, threshold, avg);
+    reduce_mask_impl<double>(mask, pooled, active, N, H, W, Ty, Tx, th, tw, sh, sw, oy, ox,
+                             threshold, avg);
 }

@@ -1,24 +1,28 @@
 """reduce_mask / gather / scatter of the torch backend against naive Python loops."""
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from sparse_detector_ros import sparse
-from sparse_detector_ros.sparse import ops, torch_backend as tb
+from sparse_detector_ros.sparse import geometry, ops, torch_backend as tb
+
+SPARSE_DIR = Path(sparse.__file__).resolve().parent
 
 
 # ---------------------------------------------------------------- naive references
 
 def ref_reduce_mask(mask, tile, stride, offset=0, threshold=0.0, pooling="max"):
-    th, tw = tb.pair(tile)
-    sh, sw = tb.pair(stride)
-    oy, ox = tb.pair(offset)
+    th, tw = geometry.pair(tile)
+    sh, sw = geometry.pair(stride)
+    oy, ox = geometry.pair(offset)
     N, H, W = mask.shape
     out = []
     for n in range(N):
@@ -37,9 +41,9 @@ def ref_reduce_mask(mask, tile, stride, offset=0, threshold=0.0, pooling="max"):
 
 
 def ref_gather(x, indices, tile, stride, offset, layout="NCHW"):
-    th, tw = tb.pair(tile)
-    sh, sw = tb.pair(stride)
-    oy, ox = tb.pair(offset)
+    th, tw = geometry.pair(tile)
+    sh, sw = geometry.pair(stride)
+    oy, ox = geometry.pair(offset)
     xc = x if layout == "NCHW" else x.permute(0, 3, 1, 2)
     N, C, H, W = xc.shape
     out = torch.zeros(len(indices), C, th, tw, dtype=x.dtype)
@@ -53,8 +57,8 @@ def ref_gather(x, indices, tile, stride, offset, layout="NCHW"):
 
 
 def ref_scatter(tiles, indices, base, stride, offset=0, add=False, layout="NCHW"):
-    sh, sw = tb.pair(stride)
-    oy, ox = tb.pair(offset)
+    sh, sw = geometry.pair(stride)
+    oy, ox = geometry.pair(offset)
     out = base.clone()
     oc = out if layout == "NCHW" else out.permute(0, 3, 1, 2)  # view
     tc = tiles if layout == "NCHW" else tiles.permute(0, 3, 1, 2)
@@ -142,7 +146,7 @@ def test_gather_matches_reference(layout, H, W, tile, stride, offset, frac):
     x = torch.randn(N, C, H, W, generator=g)
     if layout == "NHWC":
         x = x.permute(0, 2, 3, 1).contiguous()
-    Ty, Tx = tb.grid_shape((H, W), stride)
+    Ty, Tx = geometry.grid_shape((H, W), stride)
     idx = random_indices(g, N, Ty, Tx, frac)
     got = tb.gather(x, idx, tile, stride, offset, layout)
     ref = ref_gather(x, idx, tile, stride, offset, layout)
@@ -157,13 +161,13 @@ def test_gather_matches_reference(layout, H, W, tile, stride, offset, frac):
 def test_scatter_matches_reference(layout, H, W, tile, stride, offset, add, inplace):
     g = torch.Generator().manual_seed(H * 3 + W)
     N, C = 2, 3
-    th, tw = tb.pair(tile)
-    sh, sw = tb.pair(stride)
+    th, tw = geometry.pair(tile)
+    sh, sw = geometry.pair(stride)
     if not add:  # overwrite is only well defined for non-overlapping tiles
         th, tw = min(th, sh), min(tw, sw)
     base = torch.randn(N, C, H, W, generator=g)
     tiles = torch.randn(0, C, th, tw)
-    Ty, Tx = tb.grid_shape((H, W), (sh, sw))
+    Ty, Tx = geometry.grid_shape((H, W), (sh, sw))
     for frac in (0.0, 0.4, 1.0):
         idx = random_indices(g, N, Ty, Tx, frac)
         tiles = torch.randn(len(idx), C, th, tw, generator=g)
@@ -210,7 +214,7 @@ def test_gather_scatter_roundtrip_hypothesis(H, W, B, h, layout, frac, seed):
     active tiles are copied exactly, everything else keeps base's value."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 2, H, W, generator=g)
-    Ty, Tx = tb.grid_shape((H, W), B)
+    Ty, Tx = geometry.grid_shape((H, W), B)
     idx = random_indices(g, 1, Ty, Tx, frac)
     xl = x if layout == "NCHW" else x.permute(0, 2, 3, 1).contiguous()
     tiles = tb.gather(xl, idx, B + 2 * h, B, -h, layout)
@@ -252,7 +256,8 @@ def test_empty_indices():
     idx = torch.zeros(0, 3, dtype=torch.int32)
     x = torch.randn(1, 3, 10, 10)
     assert tb.gather(x, idx, 6, 4, -1).shape == (0, 3, 6, 6)
-    assert tb.gather(x.permute(0, 2, 3, 1).contiguous(), idx, 6, 4, -1, "NHWC").shape == (0, 6, 6, 3)
+    assert tb.gather(x.permute(0, 2, 3, 1).contiguous(), idx, 6, 4, -1, "NHWC").shape == (0, 6, 6,
+                                                                                          3)
     out = tb.scatter(torch.zeros(0, 3, 4, 4), idx, x, 4, inplace=False, add=True)
     assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
 
@@ -305,7 +310,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch, caplog):
     fake = types.ModuleType("sparse_detector_ros.sparse.cupy_backend")
     fake.available = lambda: False
     monkeypatch.setitem(sys.modules, "sparse_detector_ros.sparse.cupy_backend", fake)
-    ops._reset_backend_cache()
+    ops.reset_backend_cache()
     try:
         with caplog.at_level(logging.WARNING, logger="sparse_detector_ros.sparse"):
             for _ in range(3):
@@ -317,19 +322,19 @@ def test_auto_falls_back_with_one_warning(monkeypatch, caplog):
         with pytest.raises(RuntimeError):
             sparse.get_backend("cupy", "cpu")
         fake.available = lambda: True
-        ops._reset_backend_cache()
+        ops.reset_backend_cache()
         assert sparse.get_backend("auto", "cuda") is fake
         assert sparse.get_backend("cupy", "cuda") is fake
         assert sparse.get_backend("auto", "cpu") is tb
     finally:
-        ops._reset_backend_cache()
+        ops.reset_backend_cache()
     with pytest.raises(ValueError):
         sparse.get_backend("numba", "cpu")
 
 
 def test_auto_without_a_device_and_without_a_gpu_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    ops._reset_backend_cache()
+    ops.reset_backend_cache()
     try:
         with caplog.at_level(logging.WARNING, logger="sparse_detector_ros.sparse"):
             assert sparse.get_backend("auto") is tb
@@ -338,18 +343,18 @@ def test_auto_without_a_device_and_without_a_gpu_warns_once(monkeypatch, caplog)
         msgs = [r.getMessage() for r in caplog.records if r.name == "sparse_detector_ros.sparse"]
         assert len(msgs) == 1 and "no CUDA GPU" in msgs[0]
     finally:
-        ops._reset_backend_cache()
+        ops.reset_backend_cache()
 
 
 def test_auto_falls_back_on_import_error(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "sparse_detector_ros.sparse.cupy_backend", None)  # ImportError
-    ops._reset_backend_cache()
+    ops.reset_backend_cache()
     try:
         with caplog.at_level(logging.WARNING, logger="sparse_detector_ros.sparse"):
             assert sparse.get_backend("auto", torch.device("cuda", 0)) is tb
         assert sum(r.name == "sparse_detector_ros.sparse" for r in caplog.records) == 1
     finally:
-        ops._reset_backend_cache()
+        ops.reset_backend_cache()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -381,3 +386,78 @@ def test_out_of_range_tile_indices_read_zero_and_write_nothing():
     expect = torch.zeros_like(x)
     expect[1, :, 4:8, 4:8] = 1
     assert torch.equal(base, expect)
+
+
+# ---------------------------------------------------------------- shared geometry module
+
+@pytest.mark.parametrize("hw,k,s,p,d", [((37, 53), 3, 2, 1, 1), ((37, 53), 2, 2, 0, 1),
+                                        ((5, 4), 1, 2, 1, 1), ((45, 19), (3, 2), (2, 1),
+                                                               (1, 0), 1),
+                                        ((16, 16), 3, 3, 2, 2), ((3, 3), 3, 1, 0, 1)])
+def test_conv_output_size_matches_torch(hw, k, s, p, d):
+    y = torch.nn.functional.conv2d(torch.zeros(1, 1, *hw), torch.zeros(1, 1, *geometry.pair(k)),
+                                   stride=s, padding=p, dilation=d)
+    assert geometry.conv_output_size(hw, k, s, p, d) == tuple(y.shape[-2:])
+
+
+def test_conv_output_size_rejects_a_map_smaller_than_the_kernel():
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        geometry.conv_output_size((2, 9), 5, 2, 1)
+
+
+def test_in_map_cells():
+    idx = torch.tensor([[0, 0, 0], [0, 1, 2], [1, 2, 1]], dtype=torch.int32)
+    valid = geometry.in_map_cells(idx, (6, 5), 4, (-1, -2), (10, 11))
+    assert valid.shape == (3, 6, 5) and valid.dtype == torch.bool
+    for k, (_, ty, tx) in enumerate(idx.tolist()):
+        for i in range(6):
+            for j in range(5):
+                r, c = ty * 4 - 1 + i, tx * 4 - 2 + j
+                assert bool(valid[k, i, j]) == (0 <= r < 10 and 0 <= c < 11)
+    assert geometry.in_map_cells(torch.tensor([[0, 1, 1]]), 4, 4, 0, (12, 12)) is None
+
+
+def test_geometry_checks_name_the_argument():
+    with pytest.raises(ValueError, match="tile must be >= 1"):
+        geometry.check_geometry(0, 1, 0)
+    with pytest.raises(ValueError, match="stride must be an int or an"):
+        geometry.check_geometry(1, "x", 0)
+    with pytest.raises(ValueError, match="indices must be"):
+        geometry.check_indices(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="layout must be"):
+        geometry.check_layout("NWHC")
+    with pytest.raises(TypeError, match="mask must be a float tensor"):
+        geometry.reduce_mask_geometry(torch.zeros(1, 4, 4, dtype=torch.int32), 2, 2, 0, "max")
+
+
+def _private_cross_module_uses(path: Path) -> list[str]:
+    """``from .x import _name`` and ``module._name`` (module bound by an import) in a file."""
+    tree = ast.parse(path.read_text())
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            for a in node.names:
+                if a.name.startswith("_"):
+                    found.append(f"{path.name}:{node.lineno} imports {a.name}")
+                modules.add(a.asname or a.name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in modules and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            found.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_names_across_sparse_modules():
+    """The backends and blocks share checks through the public geometry module, not through
+    each other's private names (the tests of the sparse package keep to public names too)."""
+    files = sorted(SPARSE_DIR.glob("*.py")) + [
+        Path(__file__).resolve().parent / f for f in (
+            "test_sparse_ops.py", "test_sparse_block.py", "test_kernels_emulated.py",
+            "test_kernels_nvrtc.py")]
+    found = [u for f in files for u in _private_cross_module_uses(f)]
+    # CuPy's own compiler internals are the subject of the NVRTC options check
+    found = [u for u in found if "compiler._get_max_compute_capability" not in u]
+    assert not found, found

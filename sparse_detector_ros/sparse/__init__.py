@@ -7,13 +7,18 @@ Public API::
     scatter(tiles, indices, base, stride, offset=0, add=False, inplace=True, layout="NCHW")
     get_backend(name="auto", device=None) -> backend module ("auto" | "cupy" | "torch")
 
-plus the residual blocks of :mod:`.blocks`. See :mod:`.torch_backend` for shapes and the tile
-geometry. ``cupy`` is never imported at module load: :func:`get_backend` imports the CuPy backend
-lazily and falls back to torch (one warning on logger ``sparse_detector_ros.sparse``).
+plus the residual blocks of :mod:`.blocks` (``out = x + tilemask * F(x)``), the strided
+(downsampling) conv of :mod:`.strided` and the shared tile geometry checks of :mod:`.geometry`.
+See :mod:`.torch_backend` for shapes and the tile geometry. ``cupy`` is never imported at module
+load: :func:`get_backend` imports the CuPy backend lazily and falls back to torch (one warning on
+logger ``sparse_detector_ros.sparse``).
 """
 from .ops import BACKENDS, gather, get_backend, reduce_mask, scatter
-from .blocks import (SparseResidualBlock, basic_branch, bottleneck_branch, fold_bn,
-                     receptive_halo, tile_mask)
+from .blocks import (SparseResidualBlock, basic_branch, bottleneck_branch, check_branch, fold_bn,
+                     preact_basic_branch, preact_bottleneck_branch, receptive_halo, tile_mask)
+from .strided import SparseStridedConv, downsample_branch, downsample_mask
 
 __all__ = ["reduce_mask", "gather", "scatter", "get_backend", "BACKENDS", "SparseResidualBlock",
-           "basic_branch", "bottleneck_branch", "fold_bn", "receptive_halo", "tile_mask"]
+           "basic_branch", "bottleneck_branch", "preact_basic_branch", "preact_bottleneck_branch",
+           "check_branch", "fold_bn", "receptive_halo", "tile_mask", "SparseStridedConv",
+           "downsample_branch", "downsample_mask"]

@@ -1,23 +1,44 @@
 """Sparse residual block: ``out = x + tilemask * F(x)``, computing ``F`` only on active tiles.
 
-``F`` (the *branch*) is any ``nn.Sequential`` of stride-1 ``nn.Conv2d`` layers with odd kernels
-and "same" zero padding, ``nn.BatchNorm2d`` and pointwise activations (ReLU, ...). Two are
-provided: :func:`bottleneck_branch` (1x1 -> 3x3 -> 1x1) and :func:`basic_branch` (3x3 -> 3x3),
-each conv followed by batch norm and all but the last by ReLU.
+``F`` (the *branch*) is an ``nn.Sequential`` of
+
+* stride-1 ``nn.Conv2d`` layers with an odd effective kernel ``d*(k-1)+1``, "same" zero
+  padding (any dilation, any groups, with or without bias), and
+* pointwise layers (:data:`POINTWISE`: ``BatchNorm2d`` with running statistics, ReLU, SiLU,
+  Sigmoid, ...), anywhere, including before the first conv (pre-activation).
+
+Four are provided: :func:`bottleneck_branch` (1x1 -> 3x3 -> 1x1) and :func:`basic_branch`
+(3x3 -> 3x3), each conv followed by batch norm and all but the last by ReLU, and their
+pre-activation (ResNet-v2) forms :func:`preact_bottleneck_branch` and
+:func:`preact_basic_branch` (BN -> ReLU -> conv, the order SBNet benchmarked).
+:func:`check_branch` rejects, at construction and naming the layer, everything the sparse path
+cannot compute exactly: strided convs (use :class:`~.strided.SparseStridedConv` between
+stages), even effective kernels, padding other than "same" zeros, batch norm without running
+statistics (it would normalise over the tile stack), pooling and any other non-pointwise layer,
+a branch whose channels do not add up to a residual, and an in-place first layer (it would
+overwrite ``x`` on the dense path).
 
 Sparse path (SBNet, see :mod:`.torch_backend` for the geometry):
 
 1. ``reduce_mask(mask, B, B)`` lists the active ``B x B`` output tiles;
 2. ``gather`` cuts each with a halo ``h`` = the branch's receptive-field radius
    (:func:`receptive_halo`) into a ``(K, C, B+2h, B+2h)`` stack;
-3. the branch runs on the stack with *valid* (unpadded) convolutions, shrinking it to ``B``;
-   cells of the tile that lie outside the map are zeroed before every conv after the first
-   (the dense path zero-pads each conv's input, and bias / batch norm / activation would
-   otherwise make them non-zero), so edge tiles match the dense result exactly;
+3. the branch runs on the stack with *valid* (unpadded) convolutions, shrinking it to ``B``
+   (:func:`run_valid`). The dense branch zero-pads every conv's input, so before each conv
+   whose window reaches past its centre the stack's cells that lie outside the map are zeroed
+   -- unless nothing since the gather (which reads them as 0) or since the last zeroing can
+   have made them non-zero: a spatial conv, a conv with bias, batch norm with a shift, Sigmoid
+   all can; a bias-free 1x1 conv and activations with ``f(0) = 0``
+   (:data:`ZERO_PRESERVING`) cannot. 1x1 convs need no zeroing: an output cell reads only its
+   own input cell, so off-map values stay off the map, where the next zeroing (or ``scatter``,
+   which drops off-map cells) disposes of them. So edge tiles match the dense result exactly,
+   with pointwise layers before the first conv too;
 4. ``scatter(add=True)`` adds the result into (a copy of) ``x``.
 
 Above ``dense_crossover`` active-tile fraction the block runs the dense branch instead and
-masks it (same result, see ``sparse-detector bench sparse`` for the measured crossover).
+masks it (same result, see ``sparse-detector bench sparse`` for the measured crossover). The
+defaults of ``tile_size``, ``threshold``, ``pooling``, ``dense_crossover`` and ``backend`` are
+those of :class:`~sparse_detector_ros.config.SparseConfig` (the ``sparse.*`` parameters).
 
 Layout: channels_last is the default, chosen by measurement (``sparse-detector bench sparse``,
 "layout" rows; 2-core AMD EPYC, torch 2.13 CPU, 2 threads, bottleneck C -> C/2 -> C, B = 16,
@@ -35,8 +56,8 @@ through gather, convs and scatter in chunks of about 8 MiB (see ``chunk_bytes``)
 Training: in ``train()`` mode batch norm uses batch statistics, so the block runs the
 dense-masked reference (:meth:`SparseResidualBlock.dense_reference`), which the tests prove
 equal to the sparse path in ``eval()`` mode. The sparse path itself is differentiable too.
-For inference call :meth:`SparseResidualBlock.fuse` (batch norm folded into the convs,
-weights channels_last).
+For inference call :meth:`SparseResidualBlock.fuse` (every batch norm that follows a conv folded
+into it, weights channels_last; a batch norm before the first conv stays, still exact).
 """
 from __future__ import annotations
 
@@ -47,21 +68,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import SparseConfig
 from . import ops
-from .torch_backend import grid_shape
+from .geometry import conv_output_size, grid_shape, in_map_cells, pair
 
-__all__ = ["SparseResidualBlock", "basic_branch", "bottleneck_branch", "fold_bn",
-           "receptive_halo", "tile_mask"]
+__all__ = ["SparseResidualBlock", "basic_branch", "bottleneck_branch", "preact_basic_branch",
+           "preact_bottleneck_branch", "fold_bn", "receptive_halo", "tile_mask", "check_branch",
+           "check_pointwise", "conv_padding", "run_valid", "tiles_per_chunk", "gather_stack",
+           "scatter_stack", "check_mask", "check_common", "POINTWISE", "ZERO_PRESERVING",
+           "DEFAULTS", "CPU_CHUNK_BYTES"]
+
+#: The ``sparse.*`` defaults (config.py): the blocks' constructor defaults.
+DEFAULTS = SparseConfig()
 
 # Tiles are processed in chunks whose gathered stack fits this budget on CPU: the chunk's
 # activations stay in cache and allocations stay small (large fresh allocations page-fault).
 # Measured (512x512, B=16, 100 % active, 2 threads): one batch of all tiles 99 / 166 / 393 ms,
 # chunks of 128 tiles 36 / 95 / 227 ms for 32 / 64 / 128 channels.
-_CPU_CHUNK_BYTES = 8 << 20
+CPU_CHUNK_BYTES = 8 << 20
 
-_POINTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Identity,
-              nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU)
+#: Layers a branch may hold besides convs: each output cell depends on its own input cell only
+#: (``BatchNorm2d`` only with running statistics, i.e. in ``eval()`` mode). Exact types: a
+#: subclass may compute something else.
+POINTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU,
+             nn.Identity, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.Mish)
 
+#: The pointwise layers with ``f(0) = 0`` exactly: zeros off the map stay zeros through them.
+ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Identity,
+                   nn.Tanh, nn.Hardswish, nn.ELU, nn.Mish)
+
+
+# ------------------------------------------------------------------------------- branches
 
 def bottleneck_branch(channels: int, mid: int | None = None) -> nn.Sequential:
     """1x1 (C->mid) BN ReLU, 3x3 (mid->mid) BN ReLU, 1x1 (mid->C) BN. Halo 1."""
@@ -81,31 +118,130 @@ def basic_branch(channels: int, mid: int | None = None) -> nn.Sequential:
         nn.Conv2d(mid, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
 
 
+def preact_bottleneck_branch(channels: int, mid: int | None = None) -> nn.Sequential:
+    """Pre-activation (ResNet-v2) bottleneck: BN ReLU 1x1 (C->mid), BN ReLU 3x3 (mid->mid),
+    BN ReLU 1x1 (mid->C). Halo 1. The leading BN stays a BN after :func:`fold_bn`."""
+    mid = mid or max(1, channels // 2)
+    return nn.Sequential(
+        nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, mid, 1, bias=False),
+        nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+        nn.Conv2d(mid, mid, 3, padding=1, bias=False),
+        nn.BatchNorm2d(mid), nn.ReLU(inplace=True), nn.Conv2d(mid, channels, 1, bias=False))
+
+
+def preact_basic_branch(channels: int, mid: int | None = None) -> nn.Sequential:
+    """Pre-activation (ResNet-v2) basic branch: BN ReLU 3x3 (C->mid), BN ReLU 3x3 (mid->C).
+    Halo 2."""
+    mid = mid or channels
+    return nn.Sequential(
+        nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+        nn.Conv2d(channels, mid, 3, padding=1, bias=False),
+        nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+        nn.Conv2d(mid, channels, 3, padding=1, bias=False))
+
+
 def _convs(branch: Iterable[nn.Module]) -> list[nn.Conv2d]:
-    return [m for m in branch if isinstance(m, nn.Conv2d)]
+    return [m for m in branch if type(m) is nn.Conv2d]
 
 
-def _check_branch(branch: nn.Sequential) -> None:
+def _span(conv: nn.Conv2d) -> tuple[int, int]:
+    """Effective (dilated) kernel size ``d*(k-1)+1`` per axis."""
+    (ky, kx), (dy, dx) = conv.kernel_size, conv.dilation
+    return dy * (ky - 1) + 1, dx * (kx - 1) + 1
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """The conv's zero padding ``(py, px)`` as numbers (``"valid"`` -> 0, ``"same"`` -> half
+    the odd effective kernel; an even one raises ``ValueError``)."""
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":
+        sy, sx = _span(conv)
+        if sy % 2 == 0 or sx % 2 == 0:
+            raise ValueError(f"{conv!r}: padding='same' with an even effective kernel {(sy, sx)}"
+                             f" pads asymmetrically; not supported")
+        return (sy - 1) // 2, (sx - 1) // 2
+    return pair(conv.padding, "padding")
+
+
+def check_pointwise(m: nn.Module, index: int, where: str = "branch") -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming layer ``index`` of ``where`` unless ``m`` is
+    a supported pointwise layer (:data:`POINTWISE`; batch norm with running statistics)."""
+    if type(m) not in POINTWISE:
+        raise TypeError(
+            f"{where} layer {index} ({m!r}) is not supported: the sparse path runs only "
+            f"nn.Conv2d and the pointwise layers {', '.join(t.__name__ for t in POINTWISE)} "
+            f"(exact types) on tile stacks")
+    if isinstance(m, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
+        raise ValueError(
+            f"{where} layer {index} ({m!r}) has no running statistics "
+            f"(track_running_stats=False): it would normalise over the tile stack, not "
+            f"pointwise")
+
+
+def _check_first_not_inplace(layers: list[nn.Module], where: str) -> None:
+    for i, m in enumerate(layers):
+        if type(m) is nn.Identity:
+            continue
+        if getattr(m, "inplace", False):
+            raise ValueError(f"{where} layer {i} ({m!r}) is the first layer and works in place: "
+                             f"it would overwrite the input x (dense path); use inplace=False "
+                             f"for it")
+        return
+
+
+def _check_channels(layers: list[nn.Module], where: str) -> tuple[int | None, int | None]:
+    """Channels in and out of the layer sequence, checking that consecutive layers agree."""
+    c_in = c = None
+    for i, m in enumerate(layers):
+        if type(m) is nn.Conv2d:
+            if c is not None and m.in_channels != c:
+                raise ValueError(f"{where} layer {i} ({m!r}) takes {m.in_channels} channels but "
+                                 f"gets {c}")
+            c_in = c_in if c_in is not None else m.in_channels
+            c = m.out_channels
+        elif isinstance(m, nn.BatchNorm2d):
+            if c is not None and m.num_features != c:
+                raise ValueError(f"{where} layer {i} ({m!r}) takes {m.num_features} channels "
+                                 f"but gets {c}")
+            c_in = c_in if c_in is not None else m.num_features
+            c = m.num_features
+    return c_in, c
+
+
+def check_branch(branch: nn.Sequential) -> None:
+    """Raise ``TypeError`` / ``ValueError`` (naming the layer) unless the sparse path computes
+    ``branch`` exactly as the dense one: see the module docstring for what is accepted."""
+    where = "branch"
     if not isinstance(branch, nn.Sequential):
-        raise TypeError("branch must be an nn.Sequential of Conv2d / BatchNorm2d / activations")
-    if not _convs(branch):
-        raise ValueError("branch has no Conv2d")
-    for m in branch:
-        if isinstance(m, nn.Conv2d):
-            kh, kw = m.kernel_size
-            dh, dw = m.dilation
+        raise TypeError("branch must be an nn.Sequential of Conv2d and pointwise layers, got "
+                        f"{type(branch).__name__}")
+    layers = list(branch)
+    for i, m in enumerate(layers):
+        if type(m) is nn.Conv2d:
+            sy, sx = _span(m)
             if m.stride != (1, 1):
-                raise ValueError(f"branch conv {m} must have stride 1")
-            if kh % 2 == 0 or kw % 2 == 0:
-                raise ValueError(f"branch conv {m} must have an odd kernel")
+                raise ValueError(
+                    f"{where} layer {i} ({m!r}) has stride {m.stride}: a residual branch keeps "
+                    f"the resolution; downsample between stages with SparseStridedConv")
+            if sy % 2 == 0 or sx % 2 == 0:
+                raise ValueError(f"{where} layer {i} ({m!r}) has an even effective kernel "
+                                 f"{(sy, sx)}: 'same' padding would be asymmetric")
             if m.padding_mode != "zeros":
-                raise ValueError(f"branch conv {m} must use zero padding")
-            same = (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
-            if m.padding not in (same, "same"):
-                raise ValueError(f"branch conv {m} must use 'same' padding {same}")
-        elif not isinstance(m, _POINTWISE):
-            raise TypeError(f"branch layer {type(m).__name__} is not a Conv2d or a known "
-                            f"pointwise layer")
+                raise ValueError(f"{where} layer {i} ({m!r}) uses padding_mode="
+                                 f"{m.padding_mode!r}; only zero padding is supported")
+            same = ((sy - 1) // 2, (sx - 1) // 2)
+            if m.padding != "same" and conv_padding(m) != same:
+                raise ValueError(f"{where} layer {i} ({m!r}) must use 'same' padding {same}")
+        else:
+            check_pointwise(m, i, where)
+    if not _convs(layers):
+        raise ValueError("branch has no nn.Conv2d")
+    _check_first_not_inplace(layers, where)
+    c_in, c_out = _check_channels(layers, where)
+    if c_in != c_out:
+        raise ValueError(f"branch maps {c_in} channels to {c_out}: a residual branch must "
+                         f"keep the channel count")
 
 
 def receptive_halo(branch: nn.Sequential) -> tuple[int, int]:
@@ -121,14 +257,16 @@ def receptive_halo(branch: nn.Sequential) -> tuple[int, int]:
 def fold_bn(branch: nn.Sequential) -> nn.Sequential:
     """Copy of ``branch`` with every ``BatchNorm2d`` that directly follows a ``Conv2d`` folded
     into that conv (``w' = w * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps)
-    + beta``, running statistics). Equal to ``branch.eval()`` to float rounding."""
+    + beta``, running statistics). Equal to ``branch.eval()`` to float rounding. A batch norm
+    *before* a conv (pre-activation) is kept as is: folding it into the conv would turn the
+    conv's zero padding into ``-shift / scale`` and break the map's borders."""
     layers: list[nn.Module] = []
     mods = list(branch)
     i = 0
     while i < len(mods):
         m = mods[i]
         nxt = mods[i + 1] if i + 1 < len(mods) else None
-        if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+        if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d:
             layers.append(_fold_pair(m, nxt))
             i += 2
             continue
@@ -159,7 +297,7 @@ def tile_mask(indices: torch.Tensor, shape: tuple[int, int, int], tile: int | tu
     """The active-tile mask upsampled to the map: ``(N, 1, H, W)`` with 1 in every cell of an
     active ``tile x tile`` output tile (tile grid with stride = tile, offset 0)."""
     N, H, W = shape
-    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    th, tw = pair(tile, "tile")
     Ty, Tx = grid_shape((H, W), (th, tw))
     tm = torch.zeros(N, Ty, Tx, dtype=dtype, device=indices.device)
     if indices.numel():
@@ -169,36 +307,168 @@ def tile_mask(indices: torch.Tensor, shape: tuple[int, int, int], tile: int | tu
     return up.unsqueeze(1)
 
 
+# ------------------------------------------------------------------ shared sparse machinery
+
+def _zero_off_map(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Zero the cells of the (K, C, th, tw) stack where ``valid`` (K, th, tw) is False."""
+    if t.requires_grad:
+        return torch.where(valid[:, None], t, t.new_zeros(()))
+    rows = t.permute(0, 2, 3, 1)
+    if rows.is_contiguous():
+        # channels_last: one row of C values per cell; zero just the off-map rows
+        bad = torch.nonzero(~valid.reshape(-1)).flatten()
+        rows.view(-1, t.shape[1]).index_fill_(0, bad, 0)
+        return t
+    return t.masked_fill_(~valid[:, None], 0)
+
+
+def run_valid(layers: Iterable[nn.Module], t: torch.Tensor, indices: torch.Tensor,
+              stride: int | tuple[int, int], offset: int | tuple[int, int],
+              hw: tuple[int, int]) -> torch.Tensor:
+    """Run ``layers`` (convs and pointwise layers) on a gathered stack of tiles, unpadded, so
+    that every in-map cell gets the value the dense, zero-padded ``layers`` give it.
+
+    Args:
+        layers: ``nn.Conv2d`` (run as ``F.conv2d`` with the conv's stride, dilation and groups
+            and no padding) and pointwise layers (called as they are).
+        t: ``(K, C, th, tw)`` stack as ``gather`` returns it (off-map cells 0): element
+            ``(i, j)`` of tile ``k`` holds map cell ``(ty*sh + oy + i, tx*sw + ox + j)``.
+        indices: the ``(K, 3)`` rows ``[n, ty, tx]`` of the gather.
+        stride, offset: the gather's tile stride and offset (input resolution).
+        hw: the map size ``(H, W)`` of the gathered map.
+
+    Before every conv that reads its zero padding (effective kernel > 1 or padding > 0) the
+    stack's off-map cells are zeroed, unless no layer since the gather or the last zeroing can
+    have made them non-zero (bias-free 1x1 convs and :data:`ZERO_PRESERVING` layers cannot).
+    After a conv with padding ``p`` and stride ``s`` the stack is on the conv's output map:
+    stride ``sh / s``, offset ``(oy + p) / s`` (both must divide; the blocks' geometries do).
+    Returns the final stack; its off-map cells hold arbitrary values (``scatter`` drops them).
+    """
+    sh, sw = pair(stride, "stride")
+    oy, ox = pair(offset, "offset")
+    H, W = hw
+    clean = True        # off-map cells are known to be 0
+    for m in layers:
+        if type(m) is nn.Conv2d:
+            py, px = conv_padding(m)
+            sy, sx = _span(m)
+            if not clean and (sy > 1 or sx > 1 or py or px):
+                valid = in_map_cells(indices, t.shape[-2:], (sh, sw), (oy, ox), (H, W),
+                                     t.device)
+                if valid is not None:
+                    t = _zero_off_map(t, valid)
+                clean = True
+            ky, kx = m.stride
+            if sh % ky or sw % kx or (oy + py) % ky or (ox + px) % kx:
+                raise ValueError(f"{m!r}: the tile grid (stride {(sh, sw)}, offset {(oy, ox)}) "
+                                 f"does not map onto the conv's output grid")
+            t = F.conv2d(t, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+            H, W = conv_output_size((H, W), m.kernel_size, m.stride, (py, px), m.dilation)
+            sh, sw, oy, ox = sh // ky, sw // kx, (oy + py) // ky, (ox + px) // kx
+            clean = clean and sy == 1 and sx == 1 and m.bias is None and not (py or px)
+        else:
+            t = m(t)
+            clean = clean and type(m) in ZERO_PRESERVING
+    return t
+
+
+def tiles_per_chunk(chunk_bytes: int | str | None, device: torch.device, per_tile_bytes: int,
+                    k: int) -> int:
+    """Tiles per chunk so that a chunk's gathered stack stays within ``chunk_bytes``
+    (``"auto"``: :data:`CPU_CHUNK_BYTES` and at least 16 tiles on CPU, one chunk on a GPU;
+    ``None``: one chunk)."""
+    if chunk_bytes is None or (chunk_bytes == "auto" and device.type != "cpu"):
+        return max(1, k)
+    budget = CPU_CHUNK_BYTES if chunk_bytes == "auto" else int(chunk_bytes)
+    return max(16 if chunk_bytes == "auto" else 1, budget // max(1, per_tile_bytes))
+
+
+def _stored_nhwc(x: torch.Tensor) -> bool:
+    """``x`` (N, C, H, W) is stored channels_last (and not also plain contiguous)."""
+    return x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()
+
+
+def gather_stack(be, x: torch.Tensor, indices: torch.Tensor, tile, stride, offset
+                 ) -> torch.Tensor:
+    """``be.gather`` of ``x`` (N, C, H, W) as a ``(K, C, th, tw)`` stack stored channels_last:
+    through the NHWC op on the free permuted view when ``x`` is stored channels_last, else the
+    NCHW op and a conversion."""
+    if _stored_nhwc(x):
+        return be.gather(x.permute(0, 2, 3, 1), indices, tile, stride, offset,
+                         "NHWC").permute(0, 3, 1, 2)
+    t = be.gather(x, indices, tile, stride, offset, "NCHW")
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def scatter_stack(be, y: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stride,
+                  offset, add: bool) -> None:
+    """``be.scatter`` of the ``(K, C, bh, bw)`` stack ``y`` into ``base`` (N, C, H, W) in
+    place, through the NHWC op when ``base`` is stored channels_last."""
+    if _stored_nhwc(base):
+        be.scatter(y.permute(0, 2, 3, 1), indices, base.permute(0, 2, 3, 1), stride, offset,
+                   add=add, inplace=True, layout="NHWC")
+    else:
+        be.scatter(y.contiguous(), indices, base, stride, offset, add=add, inplace=True,
+                   layout="NCHW")
+
+
+def check_mask(x: torch.Tensor, mask: torch.Tensor) -> None:
+    """``x`` (N, C, H, W) and ``mask`` (N, H, W) or (N, 1, H, W) of the same size."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
+    msh = mask.shape if mask.dim() == 3 else mask.shape[:1] + mask.shape[2:]
+    if mask.dim() not in (3, 4) or (mask.dim() == 4 and mask.shape[1] != 1) \
+            or tuple(msh) != (x.shape[0], x.shape[2], x.shape[3]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match x {tuple(x.shape)}: "
+                         f"expected (N, H, W) or (N, 1, H, W)")
+
+
+def check_common(tile_size: int, pooling: str, backend: str) -> None:
+    """The arguments every sparse block shares."""
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+    if pooling not in ("max", "avg"):
+        raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+
+
+# ------------------------------------------------------------------------------ the block
+
 class SparseResidualBlock(nn.Module):
     """``out = x + tilemask * branch(x)``, the branch run only on active tiles.
 
     Args:
-        branch: ``nn.Sequential`` of stride-1 "same"-padded convs, batch norms, pointwise
-            activations (e.g. :func:`bottleneck_branch`).
+        branch: ``nn.Sequential`` of stride-1 "same"-padded convs, batch norms and pointwise
+            activations, in any order (e.g. :func:`bottleneck_branch`,
+            :func:`preact_bottleneck_branch`); checked by :func:`check_branch`.
         tile_size: output tile size ``B`` (``sparse.tile_size``).
         threshold, pooling: tile activity from the mask (``sparse.threshold`` /
             ``sparse.pooling``; see :func:`~sparse_detector_ros.sparse.reduce_mask`).
-        dense_crossover: above this active-tile fraction the dense branch runs instead.
+        dense_crossover: above this active-tile fraction the dense branch runs instead
+            (``sparse.dense_crossover``).
         backend: ``auto`` | ``cupy`` | ``torch`` for reduce_mask / gather / scatter.
         chunk_bytes: tiles are gathered, convolved and scattered in chunks of at most this
             many bytes of gathered input (``"auto"``: 8 MiB on CPU, one chunk on GPU;
             ``None``: one chunk). Results do not depend on it.
 
+    Defaults are those of :class:`~sparse_detector_ros.config.SparseConfig`.
+
     ``forward(x, mask, inplace=False)``: ``x`` is ``(N, C, H, W)`` (channels_last storage is
     fastest), ``mask`` ``(N, H, W)`` or ``(N, 1, H, W)`` at the same resolution. With
     ``inplace=True`` the result is added into ``x`` itself (inference, saves a copy of the map).
-    Returns a tensor with ``x``'s shape and memory format.
+    Returns a tensor with ``x``'s shape and memory format. ``last_path`` tells which path the
+    last call took (``"sparse"``, ``"dense"`` or ``"dense_reference"``) and
+    ``last_active_fraction`` its active-tile fraction.
     """
 
-    def __init__(self, branch: nn.Sequential, tile_size: int = 16, threshold: float = 0.0,
-                 pooling: str = "max", dense_crossover: float = 0.8, backend: str = "auto",
-                 chunk_bytes: int | str | None = "auto"):
+    def __init__(self, branch: nn.Sequential, tile_size: int = DEFAULTS.tile_size,
+                 threshold: float = DEFAULTS.threshold, pooling: str = DEFAULTS.pooling,
+                 dense_crossover: float = DEFAULTS.dense_crossover,
+                 backend: str = DEFAULTS.backend, chunk_bytes: int | str | None = "auto"):
         super().__init__()
-        _check_branch(branch)
-        if tile_size < 1:
-            raise ValueError(f"tile_size must be >= 1, got {tile_size}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        check_branch(branch)
+        check_common(tile_size, pooling, backend)
         self.branch = branch
         self.tile_size = int(tile_size)
         self.threshold = float(threshold)
@@ -211,10 +481,11 @@ class SparseResidualBlock(nn.Module):
         self.last_path: str | None = None
 
     @classmethod
-    def from_config(cls, branch: nn.Sequential, cfg) -> "SparseResidualBlock":
-        """Build from a :class:`~sparse_detector_ros.config.SparseConfig`."""
+    def from_config(cls, branch: nn.Sequential, cfg, **kwargs) -> "SparseResidualBlock":
+        """Build from a :class:`~sparse_detector_ros.config.SparseConfig` (``kwargs``: the
+        other constructor arguments, e.g. ``chunk_bytes``)."""
         return cls(branch, cfg.tile_size, cfg.threshold, cfg.pooling, cfg.dense_crossover,
-                   cfg.backend)
+                   cfg.backend, **kwargs)
 
     def fuse(self) -> "SparseResidualBlock":
         """Inference form: fold batch norm into the convs, channels_last weights, eval mode."""
@@ -246,11 +517,7 @@ class SparseResidualBlock(nn.Module):
                 tiles: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
         """``x + tilemask * branch(x)``. ``tiles``: the result of :meth:`active_tiles` for this
         mask, to share one ``reduce_mask`` among the blocks of a stage (same tile size)."""
-        if x.dim() != 4:
-            raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
-        msh = mask.shape if mask.dim() == 3 else mask.shape[:1] + mask.shape[2:]
-        if tuple(msh) != (x.shape[0], x.shape[2], x.shape[3]):
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match x {tuple(x.shape)}")
+        check_mask(x, mask)
         if self.training:
             self.last_path = "dense_reference"
             return self.dense_reference(x, mask)
@@ -272,39 +539,17 @@ class SparseResidualBlock(nn.Module):
             return x.add_(y)
         return y.add_(x) if not y.requires_grad else y + x
 
-    def _chunk_tiles(self, x: torch.Tensor, k: int) -> int:
-        """Tiles per chunk: the gathered stack of a chunk stays within ``chunk_bytes``."""
-        if self.chunk_bytes is None or (self.chunk_bytes == "auto" and x.device.type != "cpu"):
-            return max(1, k)
-        budget = _CPU_CHUNK_BYTES if self.chunk_bytes == "auto" else int(self.chunk_bytes)
-        hy, hx = self.halo
-        B = self.tile_size
-        per_tile = x.shape[1] * (B + 2 * hy) * (B + 2 * hx) * x.element_size()
-        return max(16 if self.chunk_bytes == "auto" else 1, budget // max(1, per_tile))
-
     def _sparse(self, x, idx, k, inplace):
         base = x if inplace else x.clone()
         if k == 0:
             return base
         B = self.tile_size
         hy, hx = self.halo
-        N, C, H, W = x.shape
+        H, W = x.shape[2], x.shape[3]
         be = ops.get_backend(self.backend, x.device)
         tile, off = (B + 2 * hy, B + 2 * hx), (-hy, -hx)
-        xn = x.permute(0, 2, 3, 1)
-        nhwc = xn.is_contiguous() and not x.is_contiguous()
-        src_n = xn if nhwc else x
-        dst = base.permute(0, 2, 3, 1) if nhwc else base
-
-        def scatter(i, y):
-            if nhwc:
-                be.scatter(y.permute(0, 2, 3, 1), i, dst, B, 0, add=True, inplace=True,
-                           layout="NHWC")
-            else:
-                be.scatter(y.contiguous(), i, dst, B, 0, add=True, inplace=True,
-                           layout="NCHW")
-
-        chunk = self._chunk_tiles(x, k)
+        chunk = tiles_per_chunk(self.chunk_bytes, x.device,
+                                x.shape[1] * tile[0] * tile[1] * x.element_size(), k)
         if inplace and chunk < k:
             # A tile's halo reaches `reach` tile rows up and down; with tiles in lexicographic
             # order, a finished chunk may be added into x only once every tile within `reach`
@@ -314,67 +559,15 @@ class SparseResidualBlock(nn.Module):
         pending: list = []
         for s in range(0, k, chunk):
             i = idx[s:s + chunk]
-            if nhwc:
-                t = be.gather(src_n, i, tile, B, off, "NHWC").permute(0, 3, 1, 2)
-            else:
-                t = be.gather(src_n, i, tile, B, off, "NCHW")
-                t = t.contiguous(memory_format=torch.channels_last)
-            y = self._branch_valid(t, i, H, W)
+            t = gather_stack(be, x, i, tile, B, off)
+            y = run_valid(self.branch, t, i, B, off, (H, W))
             if not inplace or chunk >= k:
-                scatter(i, y)
+                scatter_stack(be, y, i, base, B, 0, add=True)
                 continue
             pending.append((keys[min(s + chunk, k) - 1], i, y))
             nxt = keys[s + chunk] if s + chunk < k else None
             while pending and (nxt is None or nxt[0] > pending[0][0][0]
                                or nxt[1] - pending[0][0][1] > reach):
                 _, pi, py = pending.pop(0)
-                scatter(pi, py)
+                scatter_stack(be, py, pi, base, B, 0, add=True)
         return base
-
-    def _branch_valid(self, t: torch.Tensor, idx: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """Run the branch with unpadded convs on a (K, C, B+2h, B+2h) stack, zeroing the
-        out-of-map cells of every conv input after the first."""
-        B = self.tile_size
-        hy, hx = self.halo
-        bad_cache: dict = {}
-
-        def zero_outside(t, my, mx):
-            """Zero the cells of the (K, C, B+2my, B+2mx) stack that lie outside the map."""
-            key = (my, mx)
-            if key not in bad_cache:
-                ty = idx[:, 1].to(device=t.device, dtype=torch.int64)
-                tx = idx[:, 2].to(device=t.device, dtype=torch.int64)
-                rows = ty[:, None] * B - my + torch.arange(B + 2 * my, device=t.device)
-                cols = tx[:, None] * B - mx + torch.arange(B + 2 * mx, device=t.device)
-                vr = (rows >= 0) & (rows < H)
-                vc = (cols >= 0) & (cols < W)
-                if bool(vr.all()) and bool(vc.all()):
-                    bad_cache[key] = None
-                else:
-                    valid = vr[:, :, None] & vc[:, None, :]
-                    bad_cache[key] = (valid, torch.nonzero(~valid.reshape(-1)).flatten())
-            entry = bad_cache[key]
-            if entry is None:
-                return t
-            valid, bad = entry
-            rows = t.permute(0, 2, 3, 1)
-            if not t.requires_grad and rows.is_contiguous():
-                # channels_last: one row of C values per cell; zero just the bad rows
-                rows.view(-1, t.shape[1]).index_fill_(0, bad, 0)
-                return t
-            return t * valid[:, None].to(t.dtype)
-
-        my, mx = hy, hx            # current margin of the stack around the B x B output tile
-        first = True
-        for m in self.branch:
-            if isinstance(m, nn.Conv2d):
-                ky = m.dilation[0] * (m.kernel_size[0] - 1) // 2
-                kx = m.dilation[1] * (m.kernel_size[1] - 1) // 2
-                if not first and (ky or kx):
-                    t = zero_outside(t, my, mx)
-                t = F.conv2d(t, m.weight, m.bias, 1, 0, m.dilation, m.groups)
-                my, mx = my - ky, mx - kx
-                first = False
-            else:
-                t = m(t)
-        return t

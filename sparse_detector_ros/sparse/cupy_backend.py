@@ -14,35 +14,41 @@ torch work without any synchronisation.
 Differences from the torch backend:
 
 * not differentiable (inference path; inputs are detached before DLPack export);
-* ``reduce_mask`` pools float32 masks in float32 (float64 in float64; other float dtypes are
-  converted to float32 first, as the torch backend does). ``avg`` sums in double precision;
+* ``reduce_mask`` takes the max of float32 masks in float32 (float64 in float64; other float
+  dtypes are converted to float32 first, as the torch backend does). ``avg`` sums the window in
+  float64 in row-major order and divides by the in-map cell count in float64, and the pooled
+  value is compared with the threshold in float64: the same arithmetic as the torch backend,
+  so both pick the same tiles, ties included;
 * ``gather`` and overwrite-``scatter`` move bits, so they serve every 2-, 4- and 8-byte dtype;
   ``scatter(add=True)`` has kernels for float32 and float64 and falls back to the torch
   backend for other dtypes (and for 1-byte dtypes everywhere).
 
-Host-side logic (validation, allocation, dtype dispatch, index compaction) lives in the
-``_reduce_mask`` / ``_gather`` / ``_scatter`` functions, which take a ``launch`` callable. The
-public functions pass :func:`_cuda_launch`; the CPU test-suite passes a launcher that runs the
-very same ``.cu`` files compiled with g++ through an emulation header, so both the kernels and
-this glue are tested without a GPU.
+Host-side logic (validation, allocation, dtype dispatch, index compaction) lives in
+:func:`reduce_mask_with` / :func:`gather_with` / :func:`scatter_with`, which take a ``launch``
+callable. The public functions pass :func:`cuda_launch`; the CPU test-suite passes a launcher
+that runs the very same ``.cu`` files compiled with g++ through an emulation header, so both
+the kernels and this glue are tested without a GPU. Shape and geometry checks are the shared
+ones of :mod:`.geometry`.
 """
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .. import paths
-from .torch_backend import (_check_geometry, _check_indices, reduce_mask_geometry,
-                            scatter_geometry)
-from .torch_backend import check_layout as _check_layout
+from . import torch_backend
+from .geometry import (IntPair, check_geometry, check_indices, check_layout, map_shape,
+                       reduce_mask_geometry, scatter_geometry)
 
-__all__ = ["reduce_mask", "gather", "scatter", "available", "kernel_dir", "KERNELS",
-           "NVRTC_OPTIONS", "nvrtc_compile_options", "launch_dims"]
+__all__ = ["reduce_mask", "gather", "scatter", "available", "kernel_dir", "kernel_source",
+           "source_kernel_dir", "KERNELS", "NVRTC_OPTIONS", "CUPY_ADDED_OPTIONS",
+           "nvrtc_compile_options", "launch_dims", "cuda_launch", "clear_kernel_cache",
+           "reduce_mask_with", "gather_with", "scatter_with", "Launcher"]
 
 PACKAGE = paths.PACKAGE
 
@@ -69,7 +75,6 @@ KERNELS: dict[str, tuple[str, ...]] = {
 THREADS = 256          # threads per block (1-D blocks; kernels use grid-stride loops)
 MAX_BLOCKS = 8192      # grid cap; larger problems loop inside the threads
 
-IntPair = int | Sequence[int]
 #: ``launch(source_file, kernel_name, n_work_items, args)``; args are contiguous torch tensors
 #: (passed as pointers) and numpy scalars (np.int32 / np.float32 / np.float64).
 Launcher = Callable[[str, str, int, tuple], None]
@@ -82,7 +87,8 @@ def nvrtc_compile_options(arch: int | str) -> tuple[str, ...]:
     return NVRTC_OPTIONS + CUPY_ADDED_OPTIONS + (f"-arch=sm_{arch}",)
 
 
-def launch_dims(total: int, threads: int = THREADS, max_blocks: int = MAX_BLOCKS) -> tuple[int, int]:
+def launch_dims(total: int, threads: int = THREADS,
+                max_blocks: int = MAX_BLOCKS) -> tuple[int, int]:
     """``(blocks, threads)`` of a 1-D grid-stride launch covering ``total`` work items."""
     return max(1, min(max_blocks, -(-total // threads))), threads
 
@@ -91,7 +97,7 @@ def launch_dims(total: int, threads: int = THREADS, max_blocks: int = MAX_BLOCKS
 # kernel sources
 # --------------------------------------------------------------------------------------------
 
-def _source_kernel_dir() -> Path:
+def source_kernel_dir() -> Path:
     """``kernels/`` of a source checkout (or an editable install)."""
     return paths.source_root() / "kernels"
 
@@ -110,7 +116,7 @@ def kernel_dir() -> Path:
     env = os.environ.get("SPARSE_DETECTOR_KERNEL_DIR")
     if env:
         cands.append(Path(env))
-    cands.append(_source_kernel_dir())
+    cands.append(source_kernel_dir())
     cands.extend(_installed_kernel_dirs())
     for d in cands:
         if all((d / f).is_file() for f in KERNELS):
@@ -181,7 +187,14 @@ def _cupy_stream(index: int):
     return cupy.cuda.ExternalStream(stream.cuda_stream, index)
 
 
-def _cuda_launch(filename: str, name: str, total: int, args: tuple) -> None:
+def clear_kernel_cache() -> None:
+    """Forget every compiled module and kernel (the next launch compiles again)."""
+    with _lock:
+        _modules.clear()
+        _functions.clear()
+
+
+def cuda_launch(filename: str, name: str, total: int, args: tuple) -> None:
     """Run kernel ``name`` over ``total`` work items on torch's current stream of the device
     of the tensor arguments; tensors go to CuPy by DLPack (zero-copy views)."""
     import cupy
@@ -209,7 +222,7 @@ def _require_cuda(*tensors: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _indices32(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-    _check_indices(indices)
+    check_indices(indices)
     if indices.is_floating_point() or indices.is_complex():
         raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
     return indices.to(device=device, dtype=torch.int32).contiguous()
@@ -222,15 +235,17 @@ def _i32(*vals: int) -> tuple:
     return tuple(np.int32(v) for v in vals)
 
 
-def _reduce_mask(mask, tile, stride, offset, threshold, pooling, launch: Launcher):
-    """``reduce_mask`` plus the per-tile pooled values ``(N, Ty, Tx)`` (0 for windows with no
-    in-map cell)."""
+def reduce_mask_with(mask, tile, stride, offset, threshold, pooling, launch: Launcher):
+    """:func:`reduce_mask` with the kernel run by ``launch``, plus the per-tile pooled values:
+    ``(indices, K, pooled)``, ``pooled`` ``(N, Ty, Tx)`` in the kernel's dtype (0 for windows
+    with no in-map cell). Works on any device ``launch`` can handle."""
     (N, H, W, Ty, Tx), (th, tw, sh, sw, oy, ox) = reduce_mask_geometry(mask, tile, stride,
                                                                        offset, pooling)
     if mask.dtype == torch.float64:
-        m, name, thr = mask.detach().contiguous(), "reduce_mask_f64", np.float64(threshold)
+        m, name = mask.detach().contiguous(), "reduce_mask_f64"
     else:
-        m, name, thr = mask.detach().float().contiguous(), "reduce_mask_f32", np.float32(threshold)
+        m, name = mask.detach().float().contiguous(), "reduce_mask_f32"
+    thr = np.float64(threshold)   # both kernels compare in float64, as the torch backend
     pooled = torch.empty((N, Ty, Tx), dtype=m.dtype, device=m.device)  # the kernel writes all
     active = torch.empty((N, Ty, Tx), dtype=torch.int32, device=m.device)
     total = N * Ty * Tx
@@ -243,21 +258,16 @@ def _reduce_mask(mask, tile, stride, offset, threshold, pooling, launch: Launche
     return indices, int(indices.shape[0]), pooled
 
 
-def _gather(x, indices, tile, stride, offset, layout, launch: Launcher):
-    layout = _check_layout(layout)
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D ({layout}), got shape {tuple(x.shape)}")
-    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
+def gather_with(x, indices, tile, stride, offset, layout, launch: Launcher):
+    """:func:`gather` with the kernel run by ``launch``."""
+    layout = check_layout(layout)
+    N, C, H, W = map_shape(x, layout)
+    th, tw, sh, sw, oy, ox = check_geometry(tile, stride, offset)
     idx = _indices32(indices, x.device)
-    if layout == "NCHW":
-        N, C, H, W = x.shape
-    else:
-        N, H, W, C = x.shape
     K = idx.shape[0]
     shape = (K, C, th, tw) if layout == "NCHW" else (K, th, tw, C)
     bits = _BITS.get(x.element_size())
     if bits is None:
-        from . import torch_backend
         return torch_backend.gather(x.detach(), indices, tile, stride, offset, layout)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -269,8 +279,9 @@ def _gather(x, indices, tile, stride, offset, layout, launch: Launcher):
     return out
 
 
-def _scatter(tiles, indices, base, stride, offset, add, inplace, layout, launch: Launcher):
-    layout = _check_layout(layout)
+def scatter_with(tiles, indices, base, stride, offset, add, inplace, layout, launch: Launcher):
+    """:func:`scatter` with the kernel run by ``launch``."""
+    layout = check_layout(layout)
     idx = _indices32(indices, base.device)
     (K, C, th, tw, N, H, W), (sh, sw, oy, ox) = scatter_geometry(tiles, idx, base, stride,
                                                                  offset, layout)
@@ -284,7 +295,6 @@ def _scatter(tiles, indices, base, stride, offset, add, inplace, layout, launch:
         name = f"sparse_scatter_{layout.lower()}_{kind}"
         view = bits[1] if bits else None
     if kind is None:
-        from . import torch_backend
         return torch_backend.scatter(tiles.detach(), indices, base, stride, offset, add,
                                      inplace, layout)
     out = base if inplace else base.clone(memory_format=torch.contiguous_format)
@@ -314,9 +324,10 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
         mask: ``(N, H, W)`` float CUDA tensor.
         tile, stride, offset: tile grid (``ceil(H/sh) x ceil(W/sw)`` tiles, tile ``(ty, tx)``
             covering rows ``[ty*sh+oy, ty*sh+oy+th)`` and cols ``[tx*sw+ox, tx*sw+ox+tw)``).
-        threshold: a tile is active iff its pooled value is ``> threshold``.
-        pooling: ``"max"`` or ``"avg"`` (mean over the window's in-map cells). A window with no
-            in-map cell is never active.
+        threshold: a tile is active iff its pooled value is ``> threshold`` (in float64).
+        pooling: ``"max"`` or ``"avg"`` (mean over the window's in-map cells, summed and
+            divided in float64 as the torch backend does). A window with no in-map cell is
+            never active.
 
     Returns:
         ``(indices, count)``: int32 ``(K, 3)`` rows ``[n, ty, tx]`` in lexicographic order on
@@ -324,7 +335,8 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
         ``torch.nonzero`` does).
     """
     _require_cuda(mask)
-    indices, count, _ = _reduce_mask(mask, tile, stride, offset, threshold, pooling, _cuda_launch)
+    indices, count, _ = reduce_mask_with(mask, tile, stride, offset, threshold, pooling,
+                                         cuda_launch)
     return indices, count
 
 
@@ -337,7 +349,7 @@ def gather(x: torch.Tensor, indices: torch.Tensor, tile: IntPair, stride: IntPai
     ``(i, j)`` of tile ``k`` is ``x[n, :, ty*sh+oy+i, tx*sw+ox+j]``, zero off the map.
     """
     _require_cuda(x)
-    return _gather(x, indices, tile, stride, offset, layout, _cuda_launch)
+    return gather_with(x, indices, tile, stride, offset, layout, cuda_launch)
 
 
 def scatter(tiles: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stride: IntPair,
@@ -352,4 +364,4 @@ def scatter(tiles: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stri
     copy. Returns the written tensor.
     """
     _require_cuda(tiles, base)
-    return _scatter(tiles, indices, base, stride, offset, add, inplace, layout, _cuda_launch)
+    return scatter_with(tiles, indices, base, stride, offset, add, inplace, layout, cuda_launch)

@@ -17,7 +17,7 @@ import torch
 
 from . import torch_backend
 
-__all__ = ["reduce_mask", "gather", "scatter", "get_backend", "BACKENDS"]
+__all__ = ["reduce_mask", "gather", "scatter", "get_backend", "reset_backend_cache", "BACKENDS"]
 
 LOGGER = logging.getLogger("sparse_detector_ros.sparse")
 BACKENDS = ("auto", "cupy", "torch")
@@ -87,8 +87,9 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None) ->
     return torch_backend
 
 
-def _reset_backend_cache() -> None:
-    """Forget the CuPy probe and the warning flag (for tests)."""
+def reset_backend_cache() -> None:
+    """Forget the CuPy probe and the warning flag (the next ``auto`` / ``cupy`` lookup probes
+    again; used by the tests)."""
     global _warned
     with _lock:
         _cupy_state.clear()

@@ -4,7 +4,7 @@ This is the reference implementation of the op API shared with the CuPy backend
 (``cupy_backend.py``, whose kernels are tested against these functions). It runs on CPU and CUDA
 tensors, is fully vectorized (index arithmetic plus ``index_select`` / ``index_add_`` /
 ``index_copy_`` / ``take`` / ``put_``; there is no Python loop over tiles) and needs nothing but
-torch.
+torch. The argument and geometry checks both backends share live in :mod:`.geometry`.
 
 Tile geometry
 -------------
@@ -44,44 +44,13 @@ path of the block, which the tests prove equal to the sparse path.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reduce_mask", "gather", "scatter", "pair", "grid_shape"]
+from .geometry import (IntPair, check_geometry, check_indices, check_layout, map_shape,
+                       reduce_mask_geometry, scatter_geometry)
 
-IntPair = int | Sequence[int]
-
-
-def pair(v: IntPair, name: str = "value") -> tuple[int, int]:
-    """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)``; anything else raises ``ValueError``."""
-    if isinstance(v, torch.Tensor):
-        v = v.tolist()
-    if isinstance(v, (int,)) and not isinstance(v, bool):
-        return int(v), int(v)
-    try:
-        a, b = v  # type: ignore[misc]
-        return int(a), int(b)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or an (h, w) pair, got {v!r}") from None
-
-
-def grid_shape(hw: tuple[int, int], stride: IntPair) -> tuple[int, int]:
-    """``(Ty, Tx) = (ceil(H / sh), ceil(W / sw))``."""
-    sh, sw = pair(stride, "stride")
-    return -(-hw[0] // sh), -(-hw[1] // sw)
-
-
-def _check_geometry(tile: IntPair, stride: IntPair, offset: IntPair):
-    th, tw = pair(tile, "tile")
-    sh, sw = pair(stride, "stride")
-    oy, ox = pair(offset, "offset")
-    if th < 1 or tw < 1:
-        raise ValueError(f"tile must be >= 1, got {(th, tw)}")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
-    return th, tw, sh, sw, oy, ox
+__all__ = ["reduce_mask", "gather", "scatter"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,9 +65,15 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
         mask: ``(N, H, W)`` float tensor (any float dtype).
         tile, stride, offset: tile grid (see the module docstring); the grid has
             ``ceil(H/sh) x ceil(W/sw)`` tiles.
-        threshold: a tile is active iff its pooled value is ``> threshold``.
+        threshold: a tile is active iff its pooled value is ``> threshold``, compared in
+            float64 (the Python float ``threshold`` is not rounded to the mask's dtype).
         pooling: ``"max"`` (max over the window) or ``"avg"`` (mean over the window's in-map
-            cells). A window with no in-map cell is never active.
+            cells). A window with no in-map cell is never active. The mean is computed in
+            float64 whatever the mask's dtype: the window is summed in float64 in row-major
+            order and divided by its in-map cell count, exactly as the CUDA kernel
+            (``kernels/reduce_mask.cu``) does, so both backends pick the same tiles, ties
+            included. For 0/1 masks (and any mask whose window sums fit float64's 53 bits) the
+            sum is exact, so the decision does not depend on the summation order at all.
 
     Returns:
         ``(indices, count)``: ``indices`` is an int32 ``(K, 3)`` tensor of rows ``[n, ty, tx]``
@@ -108,7 +83,9 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
     (N, H, W, Ty, Tx), (th, tw, sh, sw, oy, ox) = reduce_mask_geometry(mask, tile, stride,
                                                                        offset, pooling)
     m = mask.detach()
-    if m.dtype not in (torch.float32, torch.float64):
+    if pooling == "avg":
+        m = m.double()      # float64 sum and mean (see the docstring): same as the kernel
+    elif m.dtype not in (torch.float32, torch.float64):
         m = m.float()
     if (pooling == "max" and oy == 0 and ox == 0 and th == sh and tw == sw
             and H % th == 0 and W % tw == 0):
@@ -116,22 +93,8 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
         pooled = F.max_pool2d(m.unsqueeze(1), (th, tw)).squeeze(1)
     else:
         pooled = _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling)
-    indices = torch.nonzero(pooled > threshold).to(torch.int32)
+    indices = torch.nonzero(pooled.double() > float(threshold)).to(torch.int32)
     return indices, int(indices.shape[0])
-
-
-def reduce_mask_geometry(mask, tile, stride, offset, pooling):
-    """Validated ``((N, H, W, Ty, Tx), (th, tw, sh, sw, oy, ox))`` of a reduce_mask call
-    (shared by the backends)."""
-    if mask.dim() != 3:
-        raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
-    if not mask.is_floating_point():
-        raise TypeError(f"mask must be a float tensor, got {mask.dtype}")
-    if pooling not in ("max", "avg"):
-        raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
-    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
-    N, H, W = mask.shape
-    return (N, H, W, *grid_shape((H, W), (sh, sw))), (th, tw, sh, sw, oy, ox)
 
 
 def _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling):
@@ -150,7 +113,8 @@ def _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling):
     if pooling == "max":
         if src.numel() == 0:
             return torch.full((m.shape[0], Ty, Tx), float("-inf"), dtype=m.dtype, device=m.device)
-        p = F.pad(src, (pad_l, pad_r, pad_t, pad_b), value=fill) if (pad_l or pad_r or pad_t or pad_b) else src
+        p = F.pad(src, (pad_l, pad_r, pad_t, pad_b),
+                  value=fill) if (pad_l or pad_r or pad_t or pad_b) else src
         return F.max_pool2d(p.unsqueeze(1), (th, tw), (sh, sw)).squeeze(1)[:, :Ty, :Tx]
     # avg over in-map cells: window sum / window in-map count.
     ones = torch.ones((1, 1) + tuple(src.shape[1:]), dtype=m.dtype, device=m.device)
@@ -181,11 +145,6 @@ def _all_inside(lo: list[int], hi: list[int], N, H, W, th, tw, sh, sw, oy, ox) -
     (``lo``) and largest (``hi``) ``[n, ty, tx]`` present."""
     return (lo[0] >= 0 and hi[0] < N and lo[1] * sh + oy >= 0 and lo[2] * sw + ox >= 0
             and hi[1] * sh + oy + th <= H and hi[2] * sw + ox + tw <= W)
-
-
-def _check_indices(indices: torch.Tensor) -> None:
-    if indices.dim() != 2 or indices.shape[1] != 3:
-        raise ValueError(f"indices must be (K, 3) rows [n, ty, tx], got {tuple(indices.shape)}")
 
 
 def _flat_index(indices, N, H, W, th, tw, sh, sw, oy, ox, device):
@@ -231,14 +190,9 @@ def gather(x: torch.Tensor, indices: torch.Tensor, tile: IntPair, stride: IntPai
         device as ``x``. Differentiable with respect to ``x``.
     """
     layout = check_layout(layout)
-    _check_indices(indices)
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D ({layout}), got shape {tuple(x.shape)}")
-    th, tw, sh, sw, oy, ox = _check_geometry(tile, stride, offset)
-    if layout == "NCHW":
-        N, C, H, W = x.shape
-    else:
-        N, H, W, C = x.shape
+    check_indices(indices)
+    N, C, H, W = map_shape(x, layout)
+    th, tw, sh, sw, oy, ox = check_geometry(tile, stride, offset)
     K = indices.shape[0]
     if K == 0:
         shape = (0, C, th, tw) if layout == "NCHW" else (0, th, tw, C)
@@ -289,7 +243,6 @@ def scatter(tiles: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stri
         ``base`` (or its updated copy). Differentiable with respect to ``tiles`` and ``base``.
     """
     layout = check_layout(layout)
-    _check_indices(indices)
     (K, C, bh, bw, N, H, W), (sh, sw, oy, ox) = scatter_geometry(tiles, indices, base, stride,
                                                                  offset, layout)
     out = base if inplace else base.clone()
@@ -334,28 +287,3 @@ def _put_rows(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, add: bool
     view = tmp.view(N * H * W, C)
     (view.index_add_ if add else view.index_copy_)(0, idx, src)
     out.copy_(tmp)
-
-
-def scatter_geometry(tiles, indices, base, stride, offset, layout):
-    """Validated ``((K, C, bh, bw, N, H, W), (sh, sw, oy, ox))`` of a scatter call (shared by
-    the backends)."""
-    if tiles.dim() != 4 or base.dim() != 4:
-        raise ValueError("tiles and base must be 4-D")
-    _, _, sh, sw, oy, ox = _check_geometry(1, stride, offset)
-    if layout == "NCHW":
-        K, C, bh, bw = tiles.shape
-        N, Cb, H, W = base.shape
-    else:
-        K, bh, bw, C = tiles.shape
-        N, H, W, Cb = base.shape
-    if C != Cb:
-        raise ValueError(f"tiles have {C} channels but base has {Cb}")
-    if K != indices.shape[0]:
-        raise ValueError(f"{K} tiles but {indices.shape[0]} indices")
-    return (K, C, bh, bw, N, H, W), (sh, sw, oy, ox)
-
-
-def check_layout(layout: str) -> str:
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-    return layout
