@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """Sparse residual block vs the fastest dense torch; prints JSON rows.
 
-Same as ``sparse-detector bench sparse``; see ``sparse_detector_ros/tools/bench_sparse.py``.
-Example: ``python bench/bench_sparse.py --quick``.
+Same as ``sparse-detector bench sparse``; see ``sparse_detector_ros/tools/bench_sparse.py`` for
+the rows (times as min / median / max over the repeats, the ideal counted in multiply-
+accumulates). Smoke test: ``python bench/bench_sparse.py --quick``. The tables of the docs
+come from a full run on a quiet machine (about 5 minutes on 2 cores)::
+
+    python bench/bench_sparse.py --repeats 15 > /tmp/bench_sparse.jsonl
+    cp /tmp/bench_sparse.jsonl docs/bench_sparse.jsonl
+    python scripts/bench_tables.py
 """
 import argparse
 import sys
