@@ -46,13 +46,29 @@ class ParamSpec:
     def allowed(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.type is tuple:
+            return f"a list of numbers in [{self.min}, {self.max}]"
         if self.min is not None or self.max is not None:
             return f"[{self.min}, {self.max}]"
         return f"any {self.type.__name__}"
 
     def check(self, value: Any) -> Any:
-        """Return ``value`` coerced to this parameter's type, or raise :class:`ConfigError`."""
+        """Return ``value`` coerced to this parameter's type, or raise :class:`ConfigError`.
+        A list parameter (a tuple default: a ROS double array) takes a non-empty list of numbers,
+        each within ``[min, max]``, and returns a tuple of floats."""
         t = self.type
+        if t is tuple:
+            seq = list(value) if isinstance(value, (list, tuple)) or (
+                hasattr(value, "typecode") and hasattr(value, "tolist")) else None
+            if not seq or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  for v in seq):
+                raise ConfigError(f"parameter '{self.name}' = {value!r} has the wrong type: "
+                                  f"expected a non-empty list of numbers, allowed {self.allowed()}")
+            for v in seq:
+                if not math.isfinite(v) or v < self.min or v > self.max:
+                    raise ConfigError(f"parameter '{self.name}' = {seq!r} is out of range: "
+                                      f"allowed {self.allowed()}")
+            return tuple(float(v) for v in seq)
         ok_type = (
             isinstance(value, bool) if t is bool
             else isinstance(value, int) and not isinstance(value, bool) if t is int
@@ -114,6 +130,14 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=("max", "avg")),
     ParamSpec("sparse.dense_crossover", 0.8, "active-tile fraction above which the dense path "
               "runs instead (measured by `sparse-detector bench sparse`)", 0.0, 1.0),
+    # --- detector: decoding of the head's outputs into boxes (model/decode.py).
+    ParamSpec("detector.score_thresholds", (0.3,), "minimum score of a detection, one value for "
+              "every class or one per class of the model (in the order of its classes)", 0.0,
+              1.0),
+    ParamSpec("detector.top_k", 100, "at most this many peaks per frame enter box decoding",
+              1, 10000),
+    ParamSpec("detector.nms_iou", 0.2, "BEV IoU above which the lower-scored of two boxes of "
+              "one class is suppressed (colliding peaks)", 0.0, 1.0),
     # --- node (node.py).
     ParamSpec("node.device", "auto", "torch device: auto (cuda if available), cpu, cuda",
               choices=("auto", "cpu", "cuda")),
@@ -225,6 +249,26 @@ class SparseConfig:
 
 
 @dataclass(frozen=True)
+class DetectorConfig:
+    score_thresholds: tuple[float, ...] = _default("detector.score_thresholds")
+    top_k: int = _default("detector.top_k")
+    nms_iou: float = _default("detector.nms_iou")
+
+    def thresholds_for(self, classes: tuple[str, ...]) -> tuple[float, ...]:
+        """One threshold per class: a single value applies to every class. ConfigError when
+        the list has another length than ``classes``."""
+        t = self.score_thresholds
+        if len(t) == 1:
+            return t * len(classes)
+        if len(t) != len(classes):
+            raise ConfigError(
+                f"parameter 'detector.score_thresholds' = {list(t)!r} has {len(t)} values but "
+                f"the model has {len(classes)} classes {list(classes)}: give one value, or one "
+                "per class")
+        return t
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     device: str = _default("node.device")
     qos_reliability: str = _default("node.qos_reliability")
@@ -233,7 +277,8 @@ class NodeConfig:
     log_throttle_sec: float = _default("node.log_throttle_sec")
 
 
-_SECTIONS = {"model": ModelConfig, "sparse": SparseConfig, "node": NodeConfig}
+_SECTIONS = {"model": ModelConfig, "sparse": SparseConfig, "detector": DetectorConfig,
+             "node": NodeConfig}
 
 
 @dataclass(frozen=True)
@@ -242,6 +287,7 @@ class Config:
     belongs to the model (:class:`GridConfig`, from the model description)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
 
     @classmethod
@@ -308,3 +354,35 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def params_yaml() -> str:
+    """The text of ``config/sparse_detector.yaml``: every runtime parameter with its default,
+    description and allowed range (``python -m sparse_detector_ros.config`` prints it; a test
+    keeps the file equal to it)."""
+    lines = ["# sparse_detector_node runtime parameters (ROS 2 parameter file).",
+             "# Every value here is the built-in default; ranges are enforced at start-up.",
+             "# The BEV grid and the classes are not here: they are properties of the trained "
+             "model, set by",
+             "# its model description (model.path; default: models/default/model.yaml of the "
+             "package).",
+             "# Generated by: python -m sparse_detector_ros.config > config/sparse_detector.yaml",
+             "# Use: ros2 run sparse_detector_ros sparse_detector_node --ros-args --params-file "
+             "<this file>",
+             f"{NODE_NAME}:", "  ros__parameters:"]
+    section = None
+    for p in PARAMS:
+        sec, key = p.name.split(".", 1)
+        if sec != section:
+            lines.append(f"    {sec}:")
+            section = sec
+        lines.append(f"      # {p.description}; allowed {p.allowed()}")
+        v = p.default
+        text = ('""' if v == "" else v) if isinstance(v, str) else (
+            "[" + ", ".join(repr(x) for x in v) + "]" if isinstance(v, tuple) else repr(v))
+        lines.append(f"      {key}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(params_yaml(), end="")

@@ -42,7 +42,8 @@ from .ros_io import diagnostics_msg
 from .stats import FrameStats
 
 _ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
-              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING}
+              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+              tuple: ParameterType.PARAMETER_DOUBLE_ARRAY}
 # Parameters every rclpy node may receive that are not ours.
 _FOREIGN_PARAMS = ("use_sim_time", "start_type_description_service", "qos_overrides.")
 
@@ -53,6 +54,8 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
                             description=spec.description, read_only=True)
     if spec.choices is not None:
         d.additional_constraints = "one of: " + ", ".join(spec.choices)
+    elif spec.type is tuple:  # ROS ranges apply to scalars only: say it in words
+        d.additional_constraints = f"each value in [{spec.min}, {spec.max}]"
     elif spec.type is float:
         d.floating_point_range = [FloatingPointRange(from_value=float(spec.min),
                                                      to_value=float(spec.max), step=0.0)]
@@ -89,8 +92,9 @@ def declare_config(node: Node) -> Config:
     values = config.to_flat()
     for spec in PARAMS:
         try:
-            node.declare_parameter(spec.name, values[spec.name], descriptor(spec),
-                                   ignore_override=True)
+            value = values[spec.name]
+            node.declare_parameter(spec.name, list(value) if isinstance(value, tuple) else value,
+                                   descriptor(spec), ignore_override=True)
         except Exception as exc:  # rclpy's own range/type checks, should ours have passed
             raise ConfigError(f"parameter '{spec.name}': {exc}") from exc
     return config

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_detector_ros.config import (
-    GRID_PARAMS, GRID_SPECS, NODE_NAME, PARAMS, SPECS, Config, ConfigError, GridConfig,
-    ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten, unwrap_ros_params,
+    GRID_PARAMS, GRID_SPECS, NODE_NAME, PARAMS, SPECS, Config, ConfigError, DetectorConfig,
+    GridConfig, ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten, unwrap_ros_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,8 @@ def test_params_and_dataclass_fields_are_one_to_one_in_order():
 
 def test_dataclass_field_defaults_match_specs():
     sections = (("grid", GridConfig, GRID_SPECS), ("model", ModelConfig, SPECS),
-                ("sparse", SparseConfig, SPECS), ("node", NodeConfig, SPECS))
+                ("sparse", SparseConfig, SPECS), ("detector", DetectorConfig, SPECS),
+                ("node", NodeConfig, SPECS))
     for section, cls, specs in sections:
         names = [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
         assert names == [p for p in specs if p.startswith(section + ".")]
@@ -88,14 +89,16 @@ def test_grid_is_not_a_runtime_parameter():
 
 @pytest.mark.parametrize("p", ALL, ids=IDS)
 def test_spec_is_well_formed(p: ParamSpec):
-    assert re.fullmatch(r"(grid|model|sparse|node)\.[a-z_]+", p.name)
+    assert re.fullmatch(r"(grid|model|sparse|detector|node)\.[a-z_]+", p.name)
     assert p.description.strip()
-    assert p.type in (int, float, str, bool)
+    assert p.type in (int, float, str, bool, tuple)
     assert p.check(p.default) == p.default  # every default is valid
     if p.choices is not None:
         assert p.type is str and p.default in p.choices and p.min is None and p.max is None
     if p.type in (int, float):
         assert p.min is not None and p.max is not None and p.min <= p.default <= p.max
+    if p.type is tuple:
+        assert p.default and all(type(v) is float and p.min <= v <= p.max for v in p.default)
 
 
 def test_from_flat_and_from_dict_of_nothing_are_the_defaults():
@@ -126,7 +129,15 @@ def test_yaml_is_a_ros_parameter_file_listing_every_parameter_with_its_default()
     flat = flatten(raw[NODE_NAME]["ros__parameters"])
     assert list(flat) == [p.name for p in PARAMS]  # same order as PARAMS
     for p in PARAMS:
-        assert flat[p.name] == p.default and type(flat[p.name]) is p.type, p.name
+        value = tuple(flat[p.name]) if p.type is tuple else flat[p.name]  # YAML list
+        assert value == p.default and type(value) is p.type, p.name
+
+
+def test_yaml_file_is_the_generated_text():
+    from sparse_detector_ros.config import params_yaml
+
+    assert YAML_PATH.read_text(encoding="utf-8") == params_yaml(), (
+        "regenerate: python -m sparse_detector_ros.config > config/sparse_detector.yaml")
 
 
 def test_yaml_documents_every_allowed_range():
@@ -278,6 +289,8 @@ def test_range_bounds_are_inclusive(p):
 
 
 def _wrong_types(p):
+    if p.type is tuple:
+        return ["0.3", 0.3, [], ["a"], [True], None]
     if p.type is float:
         return ["0.5", True, None, [1.0]]
     if p.type is int:
@@ -290,7 +303,8 @@ def test_wrong_type(p):
     for value in _wrong_types(p):
         with pytest.raises(ConfigError) as e:
             load({p.name: value})
-        assert_config_error(e, f"'{p.name}'", repr(value), "wrong type", p.type.__name__,
+        assert_config_error(e, f"'{p.name}'", repr(value), "wrong type",
+                            "list" if p.type is tuple else p.type.__name__,
                             f"allowed {p.allowed()}")
 
 
@@ -397,6 +411,9 @@ def _valid_values(p: ParamSpec):
         return st.integers(int(p.min), int(p.max))
     if p.type is str:
         return st.text(max_size=20)
+    if p.type is tuple:
+        return st.lists(st.floats(p.min, p.max, allow_nan=False), min_size=1,
+                        max_size=4).map(tuple)
     return st.floats(p.min, p.max, allow_nan=False)
 
 
@@ -429,3 +446,29 @@ def test_any_out_of_range_value_is_rejected(p, data):
         p.check(value)
     assert_config_error(e, f"'{p.name}'", repr(p.type(value)), f"[{p.min}, {p.max}]")
 
+
+
+# --------------------------------------------------------------------------- list parameters
+
+def test_score_thresholds_one_for_all_or_one_per_class():
+    import array
+
+    classes = ("car", "pedestrian", "cyclist")
+    assert Config().detector.thresholds_for(classes) == (0.3, 0.3, 0.3)
+    cfg = Config.from_dict({"detector": {"score_thresholds": [0.5, 0, 1]}})
+    assert cfg.detector.score_thresholds == (0.5, 0.0, 1.0)
+    assert all(type(v) is float for v in cfg.detector.score_thresholds)
+    assert cfg.detector.thresholds_for(classes) == (0.5, 0.0, 1.0)
+    # a ROS double array arrives as array.array
+    assert SPECS["detector.score_thresholds"].check(array.array("d", [0.25])) == (0.25,)
+    with pytest.raises(ConfigError) as e:
+        cfg.detector.thresholds_for(("car", "pedestrian"))
+    assert_config_error(e, "'detector.score_thresholds'", "3 values", "2 classes",
+                        "['car', 'pedestrian']")
+
+
+def test_score_thresholds_out_of_range_names_the_list():
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"detector.score_thresholds": [0.2, 1.5]})
+    assert_config_error(e, "'detector.score_thresholds'", "[0.2, 1.5]", "out of range",
+                        "[0.0, 1.0]")
