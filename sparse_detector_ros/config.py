@@ -130,6 +130,29 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=("max", "avg")),
     ParamSpec("sparse.dense_crossover", 0.8, "active-tile fraction above which the dense path "
               "runs instead (measured by `sparse-detector bench sparse`)", 0.0, 1.0),
+    # --- computation mask (masks.py): where the sparse backbone runs.
+    ParamSpec("mask.mode", "occupancy", "computation mask: dense (everything), occupancy (cells "
+              "with points above the local ground), map_prior (road of a nav2 map around the "
+              "sensor pose), net (low-resolution network), union (of the two in mask.union)",
+              choices=("dense", "occupancy", "map_prior", "net", "union")),
+    ParamSpec("mask.union", "map_prior,occupancy", "the two masks that mask.mode 'union' joins",
+              choices=("map_prior,occupancy", "map_prior,net", "occupancy,net")),
+    ParamSpec("mask.map_yaml", "", "nav2 map_server map (YAML) for the map_prior mask"),
+    ParamSpec("mask.map_margin", 2.0, "the road region of the map prior is grown by this [m] "
+              "(parked cars, pedestrians on the sidewalk)", 0.0, 50.0),
+    ParamSpec("mask.map_road_min_value", -1, "map image value at or above which a cell is road; "
+              "-1: every free cell of the nav2 map", -1, 255),
+    ParamSpec("mask.map_fallback", "occupancy", "mask used while the map prior has no map or no "
+              "pose", choices=("dense", "occupancy")),
+    ParamSpec("mask.occupancy_min_points", 2, "points above the local ground a cell needs to be "
+              "active", 1, 10000),
+    ParamSpec("mask.occupancy_min_height", 0.25, "height above the local ground from which a point "
+              "counts [m]", 0.0, 5.0),
+    ParamSpec("mask.occupancy_ground_cell", 3.2, "size of the cells over which the local ground "
+              "(lowest point) is estimated [m]", 0.1, 50.0),
+    ParamSpec("mask.occupancy_dilation", 3, "active cells are grown by this many cells", 0, 64),
+    ParamSpec("mask.net_threshold", 0.1, "the net mask is active where its probability exceeds "
+              "this (low: recall first)", 0.0, 1.0),
     # --- detector: decoding of the head's outputs into boxes (model/decode.py).
     ParamSpec("detector.score_thresholds", (0.3,), "minimum score of a detection, one value for "
               "every class or one per class of the model (in the order of its classes)", 0.0,
@@ -249,6 +272,21 @@ class SparseConfig:
 
 
 @dataclass(frozen=True)
+class MaskConfig:
+    mode: str = _default("mask.mode")
+    union: str = _default("mask.union")
+    map_yaml: str = _default("mask.map_yaml")
+    map_margin: float = _default("mask.map_margin")
+    map_road_min_value: int = _default("mask.map_road_min_value")
+    map_fallback: str = _default("mask.map_fallback")
+    occupancy_min_points: int = _default("mask.occupancy_min_points")
+    occupancy_min_height: float = _default("mask.occupancy_min_height")
+    occupancy_ground_cell: float = _default("mask.occupancy_ground_cell")
+    occupancy_dilation: int = _default("mask.occupancy_dilation")
+    net_threshold: float = _default("mask.net_threshold")
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     score_thresholds: tuple[float, ...] = _default("detector.score_thresholds")
     top_k: int = _default("detector.top_k")
@@ -277,8 +315,8 @@ class NodeConfig:
     log_throttle_sec: float = _default("node.log_throttle_sec")
 
 
-_SECTIONS = {"model": ModelConfig, "sparse": SparseConfig, "detector": DetectorConfig,
-             "node": NodeConfig}
+_SECTIONS = {"model": ModelConfig, "sparse": SparseConfig, "mask": MaskConfig,
+             "detector": DetectorConfig, "node": NodeConfig}
 
 
 @dataclass(frozen=True)
@@ -287,6 +325,7 @@ class Config:
     belongs to the model (:class:`GridConfig`, from the model description)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sparse_detector_ros.config import (
     GRID_PARAMS, GRID_SPECS, NODE_NAME, PARAMS, SPECS, Config, ConfigError, DetectorConfig,
-    GridConfig, ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten, unwrap_ros_params,
+    GridConfig, MaskConfig, ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten, unwrap_ros_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,8 @@ def test_params_and_dataclass_fields_are_one_to_one_in_order():
 
 def test_dataclass_field_defaults_match_specs():
     sections = (("grid", GridConfig, GRID_SPECS), ("model", ModelConfig, SPECS),
-                ("sparse", SparseConfig, SPECS), ("detector", DetectorConfig, SPECS),
+                ("sparse", SparseConfig, SPECS), ("mask", MaskConfig, SPECS),
+                ("detector", DetectorConfig, SPECS),
                 ("node", NodeConfig, SPECS))
     for section, cls, specs in sections:
         names = [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
@@ -89,7 +90,7 @@ def test_grid_is_not_a_runtime_parameter():
 
 @pytest.mark.parametrize("p", ALL, ids=IDS)
 def test_spec_is_well_formed(p: ParamSpec):
-    assert re.fullmatch(r"(grid|model|sparse|detector|node)\.[a-z_]+", p.name)
+    assert re.fullmatch(r"(grid|model|sparse|mask|detector|node)\.[a-z_]+", p.name)
     assert p.description.strip()
     assert p.type in (int, float, str, bool, tuple)
     assert p.check(p.default) == p.default  # every default is valid
