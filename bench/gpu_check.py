@@ -99,7 +99,8 @@ def check_ops(cb, tb, device, args, timeit) -> list[dict]:
     tile, off = B + 2 * h, -h
     for layout, t in (("NCHW", x), ("NHWC", xl)):
         def gather(layout=layout, t=t):
-            err = _err(cb.gather(t, idx, tile, B, off, layout), tb.gather(t, idx, tile, B, off, layout))
+            err = _err(cb.gather(t, idx, tile, B, off, layout),
+                       tb.gather(t, idx, tile, B, off, layout))
             errs = {}
             for dt in (torch.float16, torch.bfloat16):
                 td = t.to(dt)
@@ -118,7 +119,8 @@ def check_ops(cb, tb, device, args, timeit) -> list[dict]:
             ok = True
             for add in (False, True):
                 # overwrite: the B x B centres (non-overlapping); add: the overlapping halo tiles
-                src = tiles[:, :, h:h + B, h:h + B] if layout == "NCHW" else tiles[:, h:h + B, h:h + B]
+                src = (tiles[:, :, h:h + B, h:h + B] if layout == "NCHW"
+                       else tiles[:, h:h + B, h:h + B])
                 s, o = (src.contiguous(), 0) if not add else (tiles, off)
                 c = cb.scatter(s, idx, t, B, o, add=add, inplace=False, layout=layout)
                 r = tb.scatter(s, idx, t, B, o, add=add, inplace=False, layout=layout)
@@ -126,8 +128,10 @@ def check_ops(cb, tb, device, args, timeit) -> list[dict]:
                 ok = ok and err <= (1e-5 if add else 0.0)
                 key = "add" if add else "overwrite"
                 out[key] = {"max_abs_err": err, "ms": {
-                    "cupy": timeit(lambda: cb.scatter(s, idx, t.clone(), B, o, add=add, layout=layout)),
-                    "torch": timeit(lambda: tb.scatter(s, idx, t.clone(), B, o, add=add, layout=layout)),
+                    "cupy": timeit(lambda: cb.scatter(s, idx, t.clone(), B, o, add=add,
+                                                      layout=layout)),
+                    "torch": timeit(lambda: tb.scatter(s, idx, t.clone(), B, o, add=add,
+                                                       layout=layout)),
                     "dense": timeit(lambda: t.clone())}}
             out["ok"] = ok
             return out
@@ -158,7 +162,8 @@ def check_block(device, args, timeit, backends) -> dict:
                 y = block(x, mask)
                 err = _err(y, ref)
                 ok = ok and err <= 1e-3
-                out[name] = {"path": block.last_path, "active": round(block.last_active_fraction, 4),
+                out[name] = {"path": block.last_path,
+                             "active": round(block.last_active_fraction, 4),
                              "max_abs_err_vs_dense": err, "ms": timeit(lambda: block(x, mask))}
         out["ok"] = ok
         return out
@@ -206,7 +211,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         report["ops"] = check_ops(cb, torch_backend, device, args, timeit)
     report["block"] = check_block(device, args, timeit, backends)
-    report["ok"] = all(r.get("ok", False) for r in report["ops"]) and report["block"].get("ok", True)
+    report["ok"] = (all(r.get("ok", False) for r in report["ops"])
+                    and report["block"].get("ok", True))
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from sparse_detector_ros.config import (
     GRID_PARAMS, GRID_SPECS, NODE_NAME, PARAMS, SPECS, Config, ConfigError, DetectorConfig,
-    GridConfig, MaskConfig, ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten, unwrap_ros_params,
+    GridConfig, MaskConfig, ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten,
+    unwrap_ros_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from sparse_detector_ros.config import Config, GridConfig
 from sparse_detector_ros.model import (DEFAULT_MODEL, FORMAT_VERSION, ModelDescription,
                                        ModelError, differences, load_checkpoint,
                                        load_description, save_checkpoint)
-from sparse_detector_ros.pipeline import Pipeline
+from sparse_detector_ros.pipeline import Pipeline, build_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,8 @@ def write(tmp_path: Path, data, name="model.yaml") -> Path:
 
 def base(**over) -> dict:
     d = {"version": FORMAT_VERSION, "name": "t", "grid": {"resolution": 0.4, "z_slices": 3},
-         "channels": 5, "classes": ["car", "pedestrian"], "architecture": {"widths": [8, 16]},
+         "channels": 5, "classes": ["car", "pedestrian"],
+         "architecture": {"stage_channels": [8, 16], "stage_blocks": [1, 1]},
          "weights": ""}
     d.update(over)
     return {"sparse_detector_model": d}
@@ -43,7 +44,7 @@ def test_load_save_round_trip(tmp_path):
     d = ModelDescription.load(write(tmp_path, base()))
     assert d.grid.resolution == 0.4 and d.grid.z_slices == 3 and d.channels == 5
     assert d.grid.shape == (256, 256) and d.classes == ("car", "pedestrian")
-    assert d.architecture == {"widths": (8, 16)}
+    assert d.architecture == {"stage_channels": (8, 16), "stage_blocks": (1, 1)}
     again = ModelDescription.load(d.save(tmp_path / "copy.yaml"))
     assert again == d and again.source == tmp_path / "copy.yaml"
     # without the root key, too
@@ -115,12 +116,12 @@ def test_weights_trained_on_another_grid_are_refused_with_one_message(tmp_path):
 
 
 def test_classes_and_architecture_differences_are_all_named(tmp_path):
-    d, _ = _checkpoint(tmp_path, base(classes=["car"], architecture={"widths": [8, 32]}),
-                       base(weights="w.pt"))
+    d, _ = _checkpoint(tmp_path, base(classes=["car"], architecture={
+        "stage_channels": [8, 32], "stage_blocks": [1, 1]}), base(weights="w.pt"))
     with pytest.raises(ModelError) as e:
         load_checkpoint(d)
     assert "classes: trained ['car'], configured ['car', 'pedestrian']" in str(e.value)
-    assert "architecture.widths: trained (8, 32), configured (8, 16)" in str(e.value)
+    assert "architecture.stage_channels: trained (8, 32), configured (8, 16)" in str(e.value)
 
 
 def test_differences_lists_each_grid_field():
@@ -144,11 +145,26 @@ def test_missing_or_foreign_weights_are_refused(tmp_path):
         load_checkpoint(ModelDescription.load(write(tmp_path, base())))
 
 
-def test_pipeline_refuses_mismatched_weights_before_any_frame(tmp_path):
+def test_detector_refuses_mismatched_weights_before_any_frame(tmp_path):
     d, _ = _checkpoint(tmp_path, base(grid={"resolution": 0.8, "z_slices": 3}),
                        base(weights="w.pt"))
     with pytest.raises(ModelError, match="grid.resolution: trained 0.8, configured 0.4"):
         Pipeline(Config(), d)
-    ok, _ = _checkpoint(tmp_path, base(), base(weights="w.pt"))
-    p = Pipeline(Config(), ok)
-    assert p.rasterizer.grid == ok.grid and p.checkpoint["step"] == 7
+
+
+def test_detector_loads_matching_weights(tmp_path):
+    d = ModelDescription.load(write(tmp_path, base(weights="w.pt")))
+    modules = build_modules(d, Config())
+    with torch.no_grad():
+        for p in modules.parameters():
+            p.uniform_(-0.1, 0.1)
+    save_checkpoint(tmp_path / "w.pt", d, modules.state_dict())
+    det = Pipeline(Config(), d).detector
+    assert det.trained and det.rasterizer.grid == d.grid
+    w = det.modules["mask_net"].state_dict()
+    for k, v in modules["mask_net"].state_dict().items():
+        torch.testing.assert_close(w[k], v)
+    # a checkpoint of the right grid but for another network is refused with the keys named
+    save_checkpoint(tmp_path / "w.pt", d, {"w": torch.zeros(1)})
+    with pytest.raises(ValueError, match="does not fit the network"):
+        Pipeline(Config(), d)
