@@ -92,7 +92,8 @@ def test_bench_decode_prints_json():
     assert {r["layout"] for r in data["rows"]} == {"velodyne", "ouster"}
     for row in data["rows"]:
         assert row["points"] == 3000
-        assert {"decode_ms", "decode_not_dense_ms", "rasterize_ms"} <= set(row)
+        for key in ("decode_ms", "decode_not_dense_ms", "rasterize_ms"):
+            assert isinstance(row[key], float) and row[key] > 0, (key, row)
 
 
 @pytest.fixture(scope="module")
