@@ -150,7 +150,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "counts [m]", 0.0, 5.0),
     ParamSpec("mask.occupancy_ground_cell", 3.2, "size of the cells over which the local ground "
               "(lowest point) is estimated [m]", 0.1, 50.0),
-    ParamSpec("mask.occupancy_dilation", 3, "active cells are grown by this many cells", 0, 64),
+    ParamSpec("mask.occupancy_dilation", 10, "active cells are grown by this many cells (10: the "
+              "centre of a car seen from one side stays inside)", 0, 64),
     ParamSpec("mask.net_threshold", 0.1, "the net mask is active where its probability exceeds "
               "this (low: recall first)", 0.0, 1.0),
     # --- detector: decoding of the head's outputs into boxes (model/decode.py).

@@ -125,6 +125,10 @@ class SparseDetectorNode(Node):
         if warning:
             self.get_logger().warning(warning)
         self.pipeline = Pipeline(self.config, self.model, self.device)
+        if not self.pipeline.detector.trained:
+            self.get_logger().warning(
+                f"model '{self.model.name}' ({self.model.source}) has no trained weights: the "
+                "network runs with random weights, its boxes mean nothing")
         self.stats = FrameStats(STAGES)
         self._last_snapshot: dict | None = None
         self._last_log: dict[str, float] = {}
@@ -185,7 +189,9 @@ class SparseDetectorNode(Node):
             return
         latency_ms = (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
         self.stats.processed(result.points_received, result.points_kept, result.stage_ms,
-                             latency_ms)
+                             latency_ms, active_fraction=result.active_fraction,
+                             detections=len(result.detections), mask_mode=result.mask_mode,
+                             mask_fallback=result.mask_fallback)
 
     def _reject(self, kind: str, reason: str) -> None:
         self.stats.rejected(kind, reason)

@@ -58,6 +58,11 @@ def diagnostics_msg(snapshot: dict, *, device: str, stamp, hardware_id: str,
     ]
     for stage, (mean, peak) in snapshot["stage_ms"].items():
         values += [(f"{stage}_ms", _fmt(mean)), (f"{stage}_ms_max", _fmt(peak))]
+    values += [("active_fraction", _fmt(snapshot["active_fraction"][0])),
+               ("active_fraction_max", _fmt(snapshot["active_fraction"][1])),
+               ("mask_mode", snapshot["mask_mode"]),
+               ("mask_fallback", snapshot["mask_fallback"]),
+               ("detections", str(snapshot["detections"]))]
     values += [("total_ms", _fmt(snapshot["total_ms"][0])),
                ("total_ms_max", _fmt(snapshot["total_ms"][1])),
                ("latency_ms", _fmt(snapshot["latency_ms"][0])),

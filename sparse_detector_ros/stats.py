@@ -26,6 +26,10 @@ class FrameStats:
         self._window: dict[str, list[float]] = {s: [] for s in stages}
         self._total: list[float] = []
         self._latency: list[float] = []
+        self._active: list[float] = []
+        self.detections = 0
+        self.mask_mode = ""
+        self.mask_fallback = ""
 
     def received(self) -> None:
         with self._lock:
@@ -42,11 +46,16 @@ class FrameStats:
             self.last_rejection = reason
 
     def processed(self, points_received: int, points_kept: int, stage_ms: dict[str, float],
-                  latency_ms: float) -> None:
+                  latency_ms: float, active_fraction: float = 1.0, detections: int = 0,
+                  mask_mode: str = "", mask_fallback: str = "") -> None:
         with self._lock:
             self.frames_processed += 1
             self.points_received = points_received
             self.points_kept = points_kept
+            self.detections = detections
+            self.mask_mode = mask_mode
+            self.mask_fallback = mask_fallback
+            self._active.append(active_fraction)
             for s, ms in stage_ms.items():
                 self._window.setdefault(s, []).append(ms)
             self._total.append(sum(stage_ms.values()))
@@ -60,8 +69,9 @@ class FrameStats:
         with self._lock:
             stage_ms = {k: mean_max(v) for k, v in self._window.items()}
             total, latency = mean_max(self._total), mean_max(self._latency)
+            active = mean_max(self._active)
             frames_in_window = len(self._total)
-            for v in (*self._window.values(), self._total, self._latency):
+            for v in (*self._window.values(), self._total, self._latency, self._active):
                 v.clear()
             return {
                 "frames_received": self.frames_received,
@@ -76,4 +86,8 @@ class FrameStats:
                 "stage_ms": stage_ms,
                 "total_ms": total,
                 "latency_ms": latency,
+                "active_fraction": active,
+                "detections": self.detections,
+                "mask_mode": self.mask_mode,
+                "mask_fallback": self.mask_fallback,
             }

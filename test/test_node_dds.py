@@ -76,6 +76,8 @@ def test_node_processes_clouds_and_reports_diagnostics(node, probe):
     assert int(d["points_kept"]) == sent[-1]
     busy = [x for x in probe.diagnostics if int(x["frames_in_window"]) > 0]
     assert busy
+    assert d["mask_mode"] == "occupancy" and d["mask_fallback"] == ""
+    assert 0 < float(busy[-1]["active_fraction"]) <= 1 and int(d["detections"]) >= 0
     for x in busy:  # every pipeline stage is reported, and took time
         assert all(float(x[f"{s}_ms"]) > 0 for s in STAGES), x
         assert float(x["total_ms"]) >= sum(float(x[f"{s}_ms"]) for s in STAGES) - 0.01

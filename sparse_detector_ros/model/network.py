@@ -27,6 +27,7 @@ everywhere); in ``eval()`` mode the sparse path runs. A mask of ones gives the d
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -50,6 +51,8 @@ ARCH_DEFAULTS: dict[str, Any] = {
     "head_channels": 32,              # channels of the shared 3x3 head conv
     "heatmap_prior": 0.1,             # initial heatmap probability (bias of its 1x1 conv)
 }
+#: the smallest tile of a deeper stage (see SparseBEVNet)
+MIN_TILE = 4
 #: output name -> channels (``heatmap`` has one channel per class)
 HEAD_OUTPUTS = {"heatmap": None, "offset": 2, "z": 1, "size": 3, "rot": 2}
 
@@ -94,16 +97,21 @@ class SparseBEVNet(nn.Module):
         chans, blocks = arch["stage_channels"], arch["stage_blocks"]
         self.head_stage = arch["head_stage"]
         self.out_stride = arch["stem_stride"] * 2 ** self.head_stage
+        # Tiles cover the same ground at every stage: sparse.tile_size cells at the first
+        # stage, half as many at each stage after a stride-2 step (at least MIN_TILE), so a
+        # deeper stage does not round its mask up to ever larger squares.
+        self.tiles = [max(MIN_TILE, sparse.tile_size >> k) for k in range(len(chans))]
+        cfg = [replace(sparse, tile_size=t) for t in self.tiles]
         self.stem = SparseStridedConv.from_config(
-            downsample_branch(description.channels, chans[0], 3, arch["stem_stride"]), sparse)
+            downsample_branch(description.channels, chans[0], 3, arch["stem_stride"]), cfg[0])
         self.downs = nn.ModuleList(
-            SparseStridedConv.from_config(downsample_branch(chans[k - 1], chans[k]), sparse)
+            SparseStridedConv.from_config(downsample_branch(chans[k - 1], chans[k]), cfg[k])
             for k in range(1, len(chans)))
         mid = [max(1, round(c * arch["bottleneck_ratio"])) for c in chans]
         self.stages = nn.ModuleList(
-            nn.ModuleList(SparseResidualBlock.from_config(bottleneck_branch(c, m), sparse)
+            nn.ModuleList(SparseResidualBlock.from_config(bottleneck_branch(c, m), cfg[k])
                           for _ in range(b))
-            for c, m, b in zip(chans, mid, blocks))
+            for k, (c, m, b) in enumerate(zip(chans, mid, blocks)))
         h = self.head_stage
         self.ups = nn.ModuleList()
         for k in range(h + 1, len(chans)):
@@ -114,7 +122,7 @@ class SparseBEVNet(nn.Module):
         neck_out = chans[h] + arch["neck_channels"] * len(self.ups)
         self.head_conv = SparseStridedConv.from_config(nn.Sequential(
             nn.Conv2d(neck_out, arch["head_channels"], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(arch["head_channels"]), nn.ReLU(inplace=True)), sparse)
+            nn.BatchNorm2d(arch["head_channels"]), nn.ReLU(inplace=True)), cfg[h])
         self.outputs = nn.ModuleDict({
             name: nn.Conv2d(arch["head_channels"], c or len(self.classes), 1)
             for name, c in HEAD_OUTPUTS.items()})
@@ -141,22 +149,26 @@ class SparseBEVNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def backbone(self, bev: torch.Tensor, mask: torch.Tensor
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Stage outputs and the mask at each stage's resolution."""
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+        """Stage outputs, the mask at each stage's resolution and each stage's active tiles
+        (``(indices, K, total)``; computed once per stage and shared by its downsampling conv,
+        its blocks and, at the head stage, the head)."""
         x = bev.contiguous(memory_format=torch.channels_last)
         m = mask if mask.dim() == 3 else mask[:, 0]
         m = m.to(dtype=x.dtype)
-        feats, masks = [], []
+        feats, masks, tiles = [], [], []
         for k, stage in enumerate(self.stages):
             down = self.stem if k == 0 else self.downs[k - 1]
-            x = down(x, m)
-            m = down.out_mask(m)
-            tiles = stage[0].active_tiles(m) if len(stage) and not self.training else None
+            m_out = down.out_mask(m)
+            t = down.active_tiles_of(m_out)
+            x = down(x, m, tiles=t)
+            m = m_out
             for block in stage:
-                x = block(x, m, inplace=not self.training, tiles=tiles)
+                x = block(x, m, inplace=not self.training, tiles=t)
             feats.append(x)
             masks.append(m)
-        return feats, masks
+            tiles.append(t)
+        return feats, masks, tiles
 
     def neck(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """The deeper stages brought to the head stage's resolution (cropped where the map size
@@ -166,12 +178,14 @@ class SparseBEVNet(nn.Module):
         parts = [feats[h]] + [up(f)[:, :, :H, :W] for up, f in zip(self.ups, feats[h + 1:])]
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
-    def head(self, x: torch.Tensor, mask: torch.Tensor
+    def head(self, x: torch.Tensor, mask: torch.Tensor, tiles: tuple | None = None
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Head outputs and the ``active`` cells (N, Ho, Wo) bool of the head's tiles."""
-        y = self.head_conv(x, mask)
-        idx, _, _ = self.head_conv.active_tiles(mask)
-        active = tile_mask(idx, tuple(mask.shape), self.head_conv.tile_size, torch.bool)[:, 0]
+        """Head outputs and the ``active`` cells (N, Ho, Wo) bool of the head's tiles
+        (``tiles``: the head stage's, from :meth:`backbone`)."""
+        tiles = tiles if tiles is not None else self.head_conv.active_tiles(mask)
+        y = self.head_conv(x, mask, tiles=tiles)
+        active = tile_mask(tiles[0], tuple(mask.shape), self.head_conv.tile_size,
+                           torch.bool)[:, 0]
         return {name: conv(y) for name, conv in self.outputs.items()}, active
 
     def forward(self, bev: torch.Tensor, mask: torch.Tensor
@@ -179,8 +193,9 @@ class SparseBEVNet(nn.Module):
         """``bev`` (N, C, H, W), ``mask`` (N, H, W) at the BEV resolution (1 = compute).
         Returns ``(head, active)``: the head dict (see :mod:`.decode`) on the output grid
         (stride ``out_stride``) and its active cells."""
-        feats, masks = self.backbone(bev, mask)
-        return self.head(self.neck(feats), masks[self.head_stage])
+        feats, masks, tiles = self.backbone(bev, mask)
+        h = self.head_stage
+        return self.head(self.neck(feats), masks[h], tiles[h])
 
     # ------------------------------------------------------------------ cost
     def macs(self, hw: tuple[int, int]) -> dict[str, int]:

@@ -219,11 +219,15 @@ class SparseStridedConv(nn.Module):
     def active_tiles(self, mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """``(indices, K, total_tiles)`` of the ``B x B`` output tile grid, from the mask at the
         *input* resolution."""
-        m = self.out_mask(mask)
-        be = ops.get_backend(self.backend, m.device)
-        idx, k = be.reduce_mask(m, self.tile_size, self.tile_size, 0, self.threshold,
+        return self.active_tiles_of(self.out_mask(mask))
+
+    def active_tiles_of(self, out_mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """:meth:`active_tiles` from the mask already at the *output* resolution (``(N, Ho,
+        Wo)``, from :meth:`out_mask`): for a caller that keeps that mask anyway."""
+        be = ops.get_backend(self.backend, out_mask.device)
+        idx, k = be.reduce_mask(out_mask, self.tile_size, self.tile_size, 0, self.threshold,
                                 self.pooling)
-        N, Ho, Wo = m.shape
+        N, Ho, Wo = out_mask.shape
         Ty, Tx = grid_shape((Ho, Wo), self.tile_size)
         return idx, k, N * Ty * Tx
 
@@ -263,9 +267,9 @@ class SparseStridedConv(nn.Module):
         Ho, Wo = self.output_size((H, W))
         channels_last = (x.is_contiguous(memory_format=torch.channels_last)
                          and not x.is_contiguous())
-        out = torch.zeros((N, self.out_channels, Ho, Wo), dtype=x.dtype, device=x.device)
-        if channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
+        out = torch.empty((N, self.out_channels, Ho, Wo), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if channels_last
+                          else torch.contiguous_format).zero_()
         if k == 0:
             return out
         B = self.tile_size

@@ -8,6 +8,8 @@ BENCHES = {
                "PointCloud2 decode and BEV rasterize times for common driver layouts"),
     "sparse": ("sparse_detector_ros.tools.bench_sparse",
                "sparse residual block vs the fastest dense torch: speed-up and efficiency"),
+    "pipeline": ("sparse_detector_ros.tools.bench_pipeline",
+                 "the whole detector per stage (p50/p90/p99), dense against every mask"),
 }
 
 
