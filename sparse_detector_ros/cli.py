@@ -17,6 +17,10 @@ COMMANDS = {
     "bench": ("sparse_detector_ros.tools.bench", "benchmarks that print JSON"),
     "sim": ("sparse_detector_ros.tools.sim_cli",
             "synthetic LiDAR world: scenes, scans, ground truth, rosbag2 export, preview"),
+    "cache": ("sparse_detector_ros.tools.cache_cli",
+              "render and store a compact training cache from the synthetic world"),
+    "train": ("sparse_detector_ros.tools.train_cli",
+              "train the detector and its mask net on a training cache"),
 }
 
 

@@ -1,0 +1,39 @@
+"""``sparse-detector cache``: render, augment, rasterize and store a training cache
+(:func:`sparse_detector_ros.train.data.generate_cache`)."""
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, help="cache folder")
+    parser.add_argument("--split", default="train", help="seed range (sim/splits.py)")
+    parser.add_argument("--scenes", type=int, default=100)
+    parser.add_argument("--frames", type=int, default=4, help="rendered frames per scene")
+    parser.add_argument("--presets", nargs="+", default=None,
+                        help="LiDAR presets rotated over the scenes (default: hdl64e os1-64 "
+                             "hdl32e vlp16)")
+    parser.add_argument("--variants", type=int, default=None,
+                        help="augmented copies per frame (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scene-offset", type=int, default=0,
+                        help="first scene of the split's range")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--model", default="", help="model description whose grid to use")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def run(args) -> int:
+    from dataclasses import replace
+
+    from ..model import load_description
+    from ..train.data import DEFAULT_PRESETS, Augmentation, generate_cache
+
+    aug = Augmentation() if args.variants is None else replace(Augmentation(),
+                                                               variants=args.variants)
+    stats = generate_cache(args.out, args.split, args.scenes, args.frames,
+                           args.presets or DEFAULT_PRESETS, load_description(args.model).grid,
+                           args.seed, args.workers, augmentation=aug,
+                           scene_offset=args.scene_offset, overwrite=args.overwrite)
+    print(json.dumps(stats))
+    return 0

@@ -1,0 +1,118 @@
+"""Training: a tiny model overfits a few frames and finds their boxes again; resuming continues
+where a run stopped; the same command runs under torchrun (two CPU processes, gloo)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_detector_ros.boxes import bev_iou
+from sparse_detector_ros.config import Config, GridConfig, SparseConfig
+from sparse_detector_ros.model import ModelDescription, load_description
+from sparse_detector_ros.model.decode import decode
+from sparse_detector_ros.pipeline import Detector
+from sparse_detector_ros.tools import train_cli
+from sparse_detector_ros.train.data import Augmentation, CachedBEVDataset, generate_cache
+
+GRID = GridConfig(x_min=-12.8, x_max=12.8, y_min=-12.8, y_max=12.8, resolution=0.2)
+ARCH = {"stage_channels": [16, 32, 32], "stage_blocks": [1, 1, 1], "neck_channels": 16,
+        "head_channels": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A cache of a few frames on a small grid around the sensor, and a tiny model for it."""
+    root = tmp_path_factory.mktemp("train")
+    aug = replace(Augmentation(), variants=1, rotation=0.0, flip=False, scale=(1.0, 1.0),
+                  paste={})
+    generate_cache(root / "cache", "train", scenes=2, frames_per_scene=1, presets=("hdl64e",),
+                   grid=GRID, seed=0, workers=1, augmentation=aug)
+    desc = ModelDescription(grid=GRID, architecture=ARCH, name="tiny")
+    desc.save(root / "model.yaml")
+    return root
+
+
+def args_for(root: Path, out: str, **over) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    train_cli.add_arguments(p)
+    argv = ["--cache", str(root / "cache"), "--out", str(root / out),
+            "--model", str(root / "model.yaml"), "--crop", "128", "--batch", "2",
+            "--no-progress", "--threads", "2"]
+    for k, v in over.items():
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return p.parse_args(argv)
+
+
+def log_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tiny_model_overfits_a_few_frames_and_finds_their_boxes(tiny):
+    args = args_for(tiny, "fit", steps=300, lr=0.01, dense_fraction=0.5, save_every=100,
+                    log_every=1)
+    assert train_cli.run(args) == 0
+    rows = [r for r in log_of(tiny / "fit" / "train_log.jsonl") if "total" in r]
+    first = sum(r["total"] for r in rows[:3]) / 3
+    last = sum(r["total"] for r in rows[-3:]) / 3
+    assert last < first / 4, (first, last)          # the loss falls by 4x or more
+    assert log_of(tiny / "fit" / "train_log.jsonl")[-1]["done"] is True
+    # the trained weights load through the model contract and find the frames' cars again
+    desc = load_description(tiny / "fit" / "model.yaml")
+    det = Detector(Config(sparse=SparseConfig(tile_size=8)), desc)
+    assert det.trained
+    ds = CachedBEVDataset(tiny / "cache", crop=None, classes=desc.classes)
+    found = total = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        with torch.inference_mode():
+            head, active = det.net(item["bev"][None], torch.ones(1, *GRID.shape))
+        dets = decode(head, GRID, det.net.out_stride, (0.3,) * 3, active=active)[0]
+        cars = item["boxes"][(item["labels"] == 0) & (item["num_points"] >= 50)]
+        total += len(cars)
+        if len(cars) and len(dets):
+            iou = bev_iou(cars, dets.boxes[dets.labels == 0])
+            found += int((iou.amax(1) > 0.5).sum()) if iou.numel() else 0
+    assert total >= 2 and found >= 0.8 * total, (found, total)
+
+
+def test_resume_continues_from_the_checkpoint(tiny):
+    out = tiny / "resume"
+    assert train_cli.run(args_for(tiny, "resume", steps=20, save_every=5, max_minutes=0)) == 0
+    first = log_of(out / "train_log.jsonl")
+    assert first[-1]["done"] is False and 1 <= first[-1]["step"] < 20   # stopped early
+    assert not (out / "model.pt").exists()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == first[-1]["step"] and "optimizer" in ckpt
+    assert train_cli.run(args_for(tiny, "resume", steps=20, save_every=5, resume=True)) == 0
+    rows = log_of(out / "train_log.jsonl")
+    assert rows[-1]["done"] is True and rows[-1]["step"] == 20
+    steps = [r["step"] for r in rows if "total" in r]
+    assert steps == sorted(steps) and steps[-1] == 20         # continued, not restarted
+    assert (out / "model.pt").exists()
+
+
+def test_torchrun_two_cpu_processes_gloo(tiny):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun comes with torch"
+    exe = Path(sys.executable).parent / "sparse-detector"
+    out = tiny / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(exe), "train",
+         "--cache", str(tiny / "cache"), "--out", str(out), "--model", str(tiny / "model.yaml"),
+         "--crop", "128", "--batch", "1", "--steps", "4", "--no-progress", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = log_of(out / "train_log.jsonl")
+    assert rows[-1]["done"] is True
+    assert [r["crops"] for r in rows if "total" in r][-1] == 4 * 1 * 2   # steps x batch x world
+    desc = load_description(out / "model.yaml")
+    assert Detector(Config(), replace(desc)).trained
