@@ -168,3 +168,11 @@ def test_detector_loads_matching_weights(tmp_path):
     save_checkpoint(tmp_path / "w.pt", d, {"w": torch.zeros(1)})
     with pytest.raises(ValueError, match="does not fit the network"):
         Pipeline(Config(), d)
+
+
+def test_shipped_description_writes_out_every_architecture_size():
+    from sparse_detector_ros.model.network import ARCH_DEFAULTS, architecture
+
+    d = load_description()
+    assert set(d.architecture) == set(ARCH_DEFAULTS)       # nothing left to the code defaults
+    assert architecture(d) == dict(d.architecture)
