@@ -38,6 +38,7 @@ from .config import (GRID_SPECS, NODE_NAME, PARAMS, Config, ConfigError, ParamSp
 from .model.description import load_description
 from .pipeline import STAGES, Pipeline, resolve_device
 from .pointcloud import CloudError
+from .runtime import keep_freed_memory
 from .ros_io import diagnostics_msg
 from .stats import FrameStats
 
@@ -216,6 +217,7 @@ class SparseDetectorNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    keep_freed_memory()  # the per-frame maps reuse heap memory instead of faulting in new pages
     rclpy.init(args=args)
     node = None
     try:

@@ -88,6 +88,9 @@ def run(args) -> int:
     from ..model import load_description
     from ..pipeline import STAGES, Detector, StageTimer
 
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()   # as the node does
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
