@@ -245,3 +245,34 @@ def test_macs_count_every_conv_and_sparse_carries_the_backbone():
     with torch.no_grad():
         dense_forward(net.eval(), torch.zeros(1, 7, 512, 512))
     assert seen["n"] == macs["sparse"] + macs["dense"]
+
+
+@pytest.fixture(scope="module")
+def sim_scan(tmp_path_factory):
+    """A synthetic hdl64e scan, its sensor pose and its scene's nav2 map."""
+    from sparse_detector_ros.sim import RoadMap, generate_scene, get_lidar, render_frame
+
+    scene = generate_scene(300_500, duration=0.5)
+    f = render_frame(scene, get_lidar("hdl64e"), 0)
+    path = RoadMap.from_scene(scene).save(tmp_path_factory.mktemp("map") / "map.yaml")
+    return f.points[:, :4].astype("float32"), tuple(f.ego_pose[[0, 1, 3]]), path
+
+
+@pytest.mark.parametrize("mode", ["dense", "occupancy", "map_prior", "net", "union"])
+def test_every_mask_mode_keeps_the_network_exact(mode, sim_scan):
+    from sparse_detector_ros.bev import Rasterizer
+    from sparse_detector_ros.config import MaskConfig
+    from sparse_detector_ros.masks import ComputationMask, MapPrior, MaskNet
+
+    points, pose, map_yaml = sim_scan
+    net = make_net(seed=9)
+    mask_net = randomize(MaskNet(GRID.channels), 10)
+    cm = ComputationMask(MaskConfig(mode=mode, union="map_prior,occupancy"), GRID,
+                         mask_net=mask_net, map_prior=MapPrior.from_yaml(map_yaml, 250))
+    bev, _ = Rasterizer(GRID)(points)
+    result = cm(points, bev, pose)
+    assert result.mode == mode and result.fallback == ""
+    exact, _, _ = check(net, bev, result.mask)
+    if mode == "dense":
+        assert bool(exact.all())
+    assert int(exact.sum()) > 0
