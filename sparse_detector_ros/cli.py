@@ -21,6 +21,9 @@ COMMANDS = {
               "render and store a compact training cache from the synthetic world"),
     "train": ("sparse_detector_ros.tools.train_cli",
               "train the detector and its mask net on a training cache"),
+    "eval": ("sparse_detector_ros.tools.eval_cli",
+             "detection quality (KITTI R40 AP, distance AP, mask recall) on held-out synthetic "
+             "scenes, per LiDAR preset and mask mode"),
 }
 
 

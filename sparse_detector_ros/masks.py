@@ -677,6 +677,11 @@ class MaskResult:
         return active_tile_fraction(self.mask, tile, threshold, pooling)
 
 
+def road_min_value(config: MaskConfig) -> int | None:
+    """``mask.map_road_min_value`` as :class:`MapPrior` takes it (-1: None, every free cell)."""
+    return None if config.map_road_min_value < 0 else config.map_road_min_value
+
+
 class ComputationMask:
     """The computation mask of ``mask.mode`` (:class:`~.config.MaskConfig`) on ``grid``.
 
@@ -714,9 +719,8 @@ class ComputationMask:
             raise ValueError(f"the MaskNet takes {mask_net.in_channels} channels but the grid "
                              f"has {grid.channels}")
         if map_prior is None and "map_prior" in self.parts and config.map_yaml:
-            min_value = None if config.map_road_min_value < 0 else config.map_road_min_value
             try:
-                map_prior = MapPrior.from_yaml(config.map_yaml, min_value,
+                map_prior = MapPrior.from_yaml(config.map_yaml, road_min_value(config),
                                                margin=config.map_margin)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"parameter 'mask.map_yaml' = {config.map_yaml!r}: the map "

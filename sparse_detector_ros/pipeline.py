@@ -77,7 +77,9 @@ class FrameResult:
     """What one frame produced. ``stage_ms`` maps each stage that ran (names from
     :data:`STAGES`, in that order) to its wall time; ``active_fraction`` is the share of the
     backbone's first-stage tiles that ran; ``mask_mode`` the mask actually used and
-    ``mask_fallback`` why it is not the configured one ("" when it is)."""
+    ``mask_fallback`` why it is not the configured one ("" when it is). ``active`` (Ho, Wo)
+    bool: the head's active cells on the output grid of stride ``net.out_stride`` (row = x
+    index, col = y index, as ``bev.py``): where the network computed, hence could detect."""
     points_received: int
     points_kept: int
     detections: Detections
@@ -86,6 +88,7 @@ class FrameResult:
     mask_fallback: str = ""
     stage_ms: dict[str, float] = field(default_factory=dict)
     bev: torch.Tensor | None = None
+    active: torch.Tensor | None = None
 
 
 def build_modules(model: ModelDescription, config: Config) -> nn.ModuleDict:
@@ -163,7 +166,7 @@ class Detector:
         return FrameResult(points_received=len(points), points_kept=kept, detections=dets,
                            active_fraction=float(frac if frac is not None else 1.0),
                            mask_mode=m.mode, mask_fallback=m.fallback,
-                           stage_ms=timer.ordered(), bev=bev)
+                           stage_ms=timer.ordered(), bev=bev, active=active[0])
 
 
 class Pipeline:

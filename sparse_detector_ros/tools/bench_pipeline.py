@@ -84,7 +84,7 @@ def run(args) -> int:
     import torch
 
     from ..config import Config, MaskConfig
-    from ..masks import MapPrior
+    from ..masks import MapPrior, road_min_value
     from ..model import load_description
     from ..pipeline import STAGES, Detector, StageTimer
 
@@ -119,7 +119,7 @@ def run(args) -> int:
     for i, (points, pose, yaml_path) in enumerate(data[:args.warmup] + data):
         warm = i < args.warmup
         if yaml_path not in priors:
-            priors[yaml_path] = MapPrior.from_yaml(yaml_path, 250,    # the road only
+            priors[yaml_path] = MapPrior.from_yaml(yaml_path, road_min_value(base.mask),
                                                    margin=base.mask.map_margin)
         order = list(args.modes)
         k = i % len(order)
