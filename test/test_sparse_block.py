@@ -647,3 +647,232 @@ def test_strided_rejects_bad_inputs():
             torch.zeros(1, 4, 3, 3), torch.ones(1, 3, 3))
     with pytest.raises(ValueError, match="pooling"):
         SparseStridedConv(downsample_branch(4, 4), pooling="min")
+
+
+# --------------------------------------------------------------------------------------------
+# tile plans: a stage's active tiles and the index tensors its modules derive, computed once
+# --------------------------------------------------------------------------------------------
+
+def _stage(C=6, B=4, seed=30):
+    """A downsampling conv, residual blocks of two different halos (1 and 2) and a stride-1
+    3x3 conv, all on the same B x B output tiles."""
+    torch.manual_seed(seed)
+    down = SparseStridedConv(randomize_bn(downsample_branch(C, C), seed), B,
+                             dense_crossover=1.0).eval()
+    blocks = [SparseResidualBlock(randomize_bn(make(C), seed + i), B, dense_crossover=1.0).eval()
+              for i, make in enumerate((BRANCHES["bottleneck"], BRANCHES["basic"],
+                                        BRANCHES["bottleneck"], BRANCHES["preact_basic"]))]
+    head = SparseStridedConv(randomize_bn(nn.Sequential(
+        nn.Conv2d(C, C, 3, 1, 1), nn.BatchNorm2d(C), nn.ReLU()), seed + 9), B,
+        dense_crossover=1.0).eval()
+    return down, blocks, head
+
+
+def _stage_mask(H, W, border: bool):
+    mask = torch.zeros(2, H, W)
+    mask[0, 18:30, 20:29] = 1
+    mask[1, 30:34, 9:12] = 1
+    if border:
+        mask[0, 0, :] = mask[1, :, -1] = 1
+    return mask
+
+
+def _run_stage(mods, x, mask, inplace, fresh: bool):
+    """The stage with one shared plan (``fresh=False``) or with a plain (indices, K, total)
+    tuple per module (every module then derives everything again)."""
+    down, blocks, head = mods
+    plan = down.active_tiles(mask)
+    m2 = down.out_mask(mask)
+    tiles = (lambda: tuple(down.active_tiles(mask))) if fresh else (lambda: plan)
+    with torch.no_grad():
+        y = down(x, mask, tiles=tiles())
+        for b in blocks:
+            y = b(y, m2, inplace=inplace, tiles=tiles())
+        return head(y, m2, tiles=tiles())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("chunk_tiles", [None, 3])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("border", [False, True])
+def test_tile_plan_reuse_equals_recomputation(channels_last, chunk_tiles, inplace, border):
+    """Modules sharing one plan (its cached gather / scatter positions, validity masks and
+    host bounds reused across halos, maps and chunks) give bit for bit what each module
+    computing everything from the tile list gives, and what the dense oracles give."""
+    C, B, H, W = 6, 4, 46, 38
+    down, blocks, head = _stage(C, B)
+    if chunk_tiles:   # small chunks: cached positions are sliced per chunk
+        for b in blocks:
+            hy, hx = b.halo
+            b.chunk_bytes = C * (B + 2 * hy) * (B + 2 * hx) * 4 * chunk_tiles
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, C, H, W, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    mask = _stage_mask(H, W, border)
+    shared = _run_stage((down, blocks, head), x.clone(), mask, inplace, fresh=False)
+    fresh = _run_stage((down, blocks, head), x.clone(), mask, inplace, fresh=True)
+    assert torch.equal(shared, fresh)
+    m2 = down.out_mask(mask)
+    ref = strided_oracle(down.layers, x, mask, B)
+    for b in blocks:
+        ref = dense_oracle(b.branch, ref, m2, B)
+    ref = strided_oracle(head.layers, ref, m2, B)
+    torch.testing.assert_close(shared, ref, rtol=0, atol=ATOL)
+
+
+def test_tile_plan_derives_each_index_once(monkeypatch):
+    """A stage sharing a plan reads the index bounds back once and builds each gather /
+    scatter position tensor once per geometry and map: the downsampling conv's gather (input
+    map), the B x B scatter (shared by every module) and one gather per halo (the halo-1 blocks
+    and the 3x3 head conv share theirs). Off-map masks: once per geometry the convs need."""
+    import sparse_detector_ros.sparse.plan as plan_mod
+    from sparse_detector_ros.sparse import torch_backend as tb
+    calls = {"tile_index": 0, "index_bounds": 0, "in_map_cells": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(tb, "tile_index", counting("tile_index", tb.tile_index))
+    monkeypatch.setattr(tb, "index_bounds", counting("index_bounds", tb.index_bounds))
+    monkeypatch.setattr(plan_mod, "in_map_cells",
+                        counting("in_map_cells", plan_mod.in_map_cells))
+    C, B, H, W = 6, 4, 46, 38
+    mods = _stage(C, B)
+    x = torch.randn(2, C, H, W).contiguous(memory_format=torch.channels_last)
+    mask = _stage_mask(H, W, border=True)
+    _run_stage(mods, x, mask, True, fresh=False)
+    # gathers: down (input map), halo 1 (bottleneck x2, head), halo 2 (basic, preact_basic);
+    # scatter: B x B on the output map
+    assert calls["tile_index"] == 4
+    assert calls["index_bounds"] == 1
+    # zeroing before a spatial conv: a 6 x 6 stack at offset -1 (before the bottleneck's 3x3
+    # and before the second 3x3 of both basic blocks) and an 8 x 8 stack at offset -2 (before
+    # the preact block's first 3x3); the head's and the basic block's first 3x3 read the
+    # gather itself
+    assert calls["in_map_cells"] == 2
+    for k in calls:
+        calls[k] = 0
+    _run_stage(mods, x, mask, True, fresh=True)      # no sharing: every module on its own
+    assert calls["tile_index"] == 2 + 2 * 4 + 2 and calls["index_bounds"] == 6
+
+
+def test_tile_plan_inside_the_map_needs_no_validity_masks(monkeypatch):
+    """When no tile (with its halo) reaches past the border, the host-side check on the
+    plan's bounds skips every off-map mask: none is ever built."""
+    import sparse_detector_ros.sparse.plan as plan_mod
+    from sparse_detector_ros.sparse import geometry
+
+    def refuse(*a, **k):
+        raise AssertionError("in_map_cells called for tiles inside the map")
+    monkeypatch.setattr(plan_mod, "in_map_cells", refuse)
+    C, B, H, W = 6, 4, 46, 38
+    down, blocks, head = _stage(C, B)
+    x = torch.randn(2, C, H, W).contiguous(memory_format=torch.channels_last)
+    mask = _stage_mask(H, W, border=False)
+    plan = down.active_tiles(mask)
+    out = _run_stage((down, blocks, head), x, mask, True, fresh=False)
+    assert out.shape == (2, C, 23, 19)
+    for halo in (1, 2):
+        t = B + 2 * halo
+        assert geometry.in_map_cells(plan.indices, t, B, -halo, (23, 19)) is None
+        assert plan.in_map_cells(t, B, -halo, (23, 19)) is None
+    # the same plan on a map whose border its tiles do reach
+    monkeypatch.undo()
+    assert plan.in_map_cells(B + 2, B, -1, (12, 19)) is not None
+
+
+def test_tile_plan_refused_for_another_map_or_tile_size():
+    C, B, H, W = 6, 4, 46, 38
+    down, blocks, head = _stage(C, B)
+    mask = _stage_mask(H, W, border=True)
+    plan = down.active_tiles(mask)          # for the output map (2, 23, 19), 4 x 4 tiles
+    assert plan.shape == (2, 23, 19) and plan.tile == (4, 4)
+    m2 = down.out_mask(mask)
+    y = torch.randn(2, C, 23, 19)
+    wider = SparseResidualBlock(randomize_bn(bottleneck_branch(C), 1), 8,
+                                dense_crossover=1.0).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"made for a map .* \(2, 23, 19\) with \(4, 4\) "
+                                             r"tiles, not for \(2, 23, 19\) with \(8, 8\)"):
+            wider(y, m2, tiles=plan)
+        with pytest.raises(ValueError, match=r"not for \(2, 46, 38\)"):   # input resolution
+            blocks[0](torch.randn(2, C, H, W), mask, tiles=plan)
+        with pytest.raises(ValueError, match=r"not for \(2, 12, 10\)"):   # down's output
+            down(y, m2, tiles=plan)
+        with pytest.raises(ValueError, match=r"not for \(1, 23, 19\)"):   # another batch
+            blocks[0](y[:1], m2[:1], tiles=plan)
+        # the right map and tile size: accepted, and so is the plain tuple
+        a = blocks[0](y, m2, tiles=plan)
+        b = blocks[0](y, m2, tiles=tuple(plan))
+    assert torch.equal(a, b)
+
+
+def test_tile_plan_is_the_active_tiles_tuple():
+    """A plan unpacks as (indices, K, total); its dense-path tile mask is the one tile_mask
+    computes, built once."""
+    C, B, H, W = 6, 4, 46, 38
+    down, blocks, _ = _stage(C, B)
+    mask = _stage_mask(H, W, border=True)
+    plan = down.active_tiles(mask)
+    idx, k, total = plan
+    assert isinstance(plan, tuple) and len(plan) == 3
+    assert (plan.indices is idx, plan.count, plan.total) == (True, k, total) and total == 2 * 6 * 5
+    assert torch.equal(idx, blocks[0].active_tiles(down.out_mask(mask)).indices)
+    tm = plan.tile_mask(torch.float32)
+    assert torch.equal(tm, tile_mask(idx, (2, 23, 19), B)) and plan.tile_mask() is tm
+    with pytest.raises(ValueError, match="count 3 does not match"):
+        type(plan)(idx, 3, total, (2, 23, 19), B)
+    with pytest.raises(ValueError, match=r"TilePlan or an \(indices, K, total\) tuple"):
+        blocks[0](torch.randn(2, C, 23, 19), down.out_mask(mask), tiles=(idx, k))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(N=st.integers(1, 2), H=st.integers(1, 40), W=st.integers(1, 40), sh=st.integers(1, 4),
+       sw=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_downsample_mask_is_the_clipped_window_max(N, H, W, sh, sw, seed):
+    """Divisible maps take the block-max fast path, the others the pooling one: both give the
+    max over each output cell's s x s input window clipped to the map (NaN propagates)."""
+    g = torch.Generator().manual_seed(seed)
+    for h, w in ((H, W), (H * sh, W * sw)):
+        m = torch.rand(N, h, w, generator=g) * (torch.rand(N, h, w, generator=g) > 0.7)
+        if seed % 3 == 0:
+            m[0, h // 2, w // 2] = float("nan")
+        got = downsample_mask(m, (sh, sw))
+        Ho, Wo = -(-h // sh), -(-w // sw)
+        ref = torch.empty(N, Ho, Wo)
+        for r in range(Ho):
+            for c in range(Wo):
+                win = m[:, r * sh:(r + 1) * sh, c * sw:(c + 1) * sw].reshape(N, -1)
+                ref[:, r, c] = torch.where(win.isnan().any(1), float("nan"), win.amax(1))
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_tile_plan_answers_every_geometry_as_computed_directly():
+    """One plan asked, in turn and repeatedly, about several geometries, maps and tile ranges
+    answers each exactly as the uncached functions do (the cache tells its entries apart)."""
+    from sparse_detector_ros.sparse import geometry, torch_backend as tb
+    mask = _stage_mask(46, 38, border=True)
+    down, _, _ = _stage()
+    plan = down.active_tiles(mask)
+    idx = plan.indices
+    queries = [(6, 4, -1, (23, 19), 0, None), (6, 4, 0, (23, 19), 0, None),
+               (8, 4, -2, (23, 19), 0, None), (6, 4, -1, (23, 19), 2, 5),
+               (6, 4, -1, (40, 40), 0, None), ((9, 9), (8, 8), (-1, -1), (46, 38), 1, 4),
+               (4, 4, 0, (23, 19), 0, None)]
+    for _ in range(2):
+        for tile, stride, offset, hw, start, stop in queries:
+            got = plan.in_map_cells(tile, stride, offset, hw, None, start, stop)
+            ref = geometry.in_map_cells(idx[start:stop], tile, stride, offset, hw)
+            if ref is None:   # the plan may answer for all its tiles: all in the map as well
+                assert got is None or bool(got.all())
+            else:
+                assert got is not None and torch.equal(got, ref)
+            got = plan.tile_index(tile, stride, offset, (2,) + hw, None, start, stop)
+            ref = tb.tile_index(idx[start:stop], (2,) + hw, tile, stride, offset)
+            assert torch.equal(got.flat, ref.flat)
+            if ref.valid is None:
+                assert got.valid is None or bool(got.valid.all())
+            else:
+                assert torch.equal(got.valid, ref.valid)

@@ -277,6 +277,128 @@ def test_bad_arguments():
         tb.scatter(torch.zeros(1, 2, 4, 4), idx, x, 4)
 
 
+# ---------------------------------------------------------------- precomputed element positions
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("H,W,tile,stride,offset", GEOMS)
+def test_gather_at_and_scatter_at_match_the_references(layout, H, W, tile, stride, offset):
+    """One TileIndex, reused for several channel counts, tile ranges and both scatter modes,
+    gives what the naive loops give: tiles on every border and wholly off the map; and a
+    TileIndex of tiles inside the map (no validity mask) as well."""
+    g = torch.Generator().manual_seed(H * 5 + W)
+    N = 2
+    Ty, Tx = geometry.grid_shape((H, W), stride)
+    th, tw = geometry.pair(tile)
+    idx = torch.cat([random_indices(g, N, Ty, Tx, 0.4),
+                     torch.tensor([[0, -1, 1], [1, Ty, 0], [1, Ty - 1, Tx - 1]],
+                                  dtype=torch.int32)])
+    index = tb.tile_index(idx, (N, H, W), tile, stride, offset)
+    assert index.flat.shape == (len(idx), th, tw) and index.valid is not None
+    oy, ox = geometry.pair(offset)
+    sh, sw = geometry.pair(stride)
+    inner = [r for r in random_indices(g, N, Ty, Tx, 0.6).tolist()
+             if r[1] * sh + oy >= 0 and r[2] * sw + ox >= 0 and r[1] * sh + oy + th <= H
+             and r[2] * sw + ox + tw <= W]
+    inner = torch.tensor(inner, dtype=torch.int32).reshape(-1, 3)
+    inner_index = tb.tile_index(inner, (N, H, W), tile, stride, offset)
+    assert inner_index.valid is None
+    for C in (1, 3):
+        x = torch.randn(N, C, H, W, generator=g)
+        if layout == "NHWC":
+            x = x.permute(0, 2, 3, 1).contiguous()
+        assert torch.equal(tb.gather_at(x, index, layout),
+                           ref_gather(x, idx, tile, stride, offset, layout))
+        assert torch.equal(tb.gather_at(x, index.rows(1, 4), layout),
+                           ref_gather(x, idx[1:4], tile, stride, offset, layout))
+        assert torch.equal(tb.gather_at(x, inner_index, layout),
+                           ref_gather(x, inner, tile, stride, offset, layout))
+        tiles = torch.randn(tb.gather_at(x, index, layout).shape, generator=g)
+        for add in (False, True):
+            got = tb.scatter_at(tiles, index, x, add=add, inplace=False, layout=layout)
+            ref = ref_scatter(tiles, idx, x, stride, offset, add, layout)
+            if add:
+                torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+            else:   # overlapping tiles: only the cells written at most once are defined
+                once = tb.scatter(torch.ones_like(tiles), idx, torch.zeros_like(x), stride,
+                                  offset, add=True, layout=layout) <= 1
+                assert torch.equal(got[once], ref[once])
+        t_in = torch.randn(tb.gather_at(x, inner_index, layout).shape, generator=g)
+        torch.testing.assert_close(
+            tb.scatter_at(t_in, inner_index, x, add=True, inplace=False, layout=layout),
+            ref_scatter(t_in, inner, x, stride, offset, True, layout), rtol=0, atol=1e-6)
+
+
+def test_tile_index_inside_the_map_needs_no_validity_mask():
+    idx = torch.tensor([[0, 1, 1], [1, 2, 3]], dtype=torch.int32)
+    index = tb.tile_index(idx, (2, 40, 50), (10, 12), (8, 9), (-1, -2))
+    assert index.valid is None and torch.equal(index.off_map(), torch.zeros(0, dtype=torch.long))
+    rows, cols = torch.arange(10), torch.arange(12)
+    assert torch.equal(index.flat[0], (7 + rows)[:, None] * 50 + 7 + cols)
+    assert torch.equal(index.flat[1], (40 + 15 + rows)[:, None] * 50 + 25 + cols)
+    # the host check on the bounds: batch index included for (N, H, W), left out for (H, W)
+    assert tb.tiles_inside(tb.index_bounds(idx), (2, 40, 50), (10, 12), (8, 9), (-1, -2))
+    assert not tb.tiles_inside(tb.index_bounds(idx), (1, 40, 50), (10, 12), (8, 9), (-1, -2))
+    assert tb.tiles_inside(tb.index_bounds(idx), (40, 50), (10, 12), (8, 9), (-1, -2))
+    # a tile ending exactly at the bottom / right border is inside, one cell more is not
+    b = tb.index_bounds(torch.tensor([[0, 2, 3]]))   # rows 15..24, cols 25..36
+    assert tb.tiles_inside(b, (1, 25, 37), (10, 12), (8, 9), (-1, -2))
+    assert not tb.tiles_inside(b, (1, 24, 37), (10, 12), (8, 9), (-1, -2))
+    assert not tb.tiles_inside(b, (1, 25, 36), (10, 12), (8, 9), (-1, -2))
+    # and at the top / left border
+    b = tb.index_bounds(torch.tensor([[0, 0, 0]]))
+    assert tb.tiles_inside(b, (1, 25, 37), 4, 4, 0)
+    assert not tb.tiles_inside(b, (1, 25, 37), 4, 4, (-1, 0))
+    assert not tb.tiles_inside(b, (1, 25, 37), 4, 4, (0, -1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(H=st.integers(1, 30), W=st.integers(1, 30), th=st.integers(1, 9), tw=st.integers(1, 9),
+       sh=st.integers(1, 9), sw=st.integers(1, 9), oy=st.integers(-3, 3), ox=st.integers(-3, 3),
+       seed=st.integers(0, 2**16))
+def test_tiles_inside_agrees_with_in_map_cells(H, W, th, tw, sh, sw, oy, ox, seed):
+    """The host-side border test from the index bounds says "inside" exactly when no element
+    of any tile is off the map."""
+    g = torch.Generator().manual_seed(seed)
+    Ty, Tx = geometry.grid_shape((H, W), (sh, sw))
+    idx = random_indices(g, 1, Ty, Tx, 0.3)
+    if len(idx) == 0:
+        assert tb.index_bounds(idx) is None and tb.tiles_inside(None, (1, H, W), 1, 1)
+        return
+    valid = geometry.in_map_cells(idx, (th, tw), (sh, sw), (oy, ox), (H, W))
+    inside = tb.tiles_inside(tb.index_bounds(idx), (1, H, W), (th, tw), (sh, sw), (oy, ox))
+    assert inside == (valid is None)
+    index = tb.tile_index(idx, (1, H, W), (th, tw), (sh, sw), (oy, ox))
+    assert (index.valid is None) == inside
+
+
+def test_gather_at_and_scatter_at_refuse_another_map_or_tile_size():
+    idx = torch.tensor([[0, 1, 1]], dtype=torch.int32)
+    index = tb.tile_index(idx, (1, 20, 20), 6, 4, -1)
+    with pytest.raises(ValueError, match=r"built for a map \(N, H, W\) = \(1, 20, 20\)"):
+        tb.gather_at(torch.zeros(1, 3, 20, 24), index)
+    with pytest.raises(ValueError, match=r"built for a map"):
+        tb.scatter_at(torch.zeros(1, 3, 6, 6), index, torch.zeros(2, 3, 20, 20))
+    with pytest.raises(ValueError, match=r"do not match the TileIndex"):
+        tb.scatter_at(torch.zeros(1, 3, 4, 4), index, torch.zeros(1, 3, 20, 20))
+    with pytest.raises(TypeError, match="TileIndex"):
+        tb.gather_at(torch.zeros(1, 3, 20, 20), idx)
+
+
+@pytest.mark.parametrize("N,H,W,th,tw", [(1, 512, 512, 2, 2), (2, 64, 48, 16, 16),
+                                         (1, 30, 20, 3, 5), (1, 8, 8, 1, 1), (3, 12, 8, 4, 2)])
+def test_block_max_equals_max_pool(N, H, W, th, tw):
+    g = torch.Generator().manual_seed(H + W)
+    m = torch.rand(N, H, W, generator=g) * (torch.rand(N, H, W, generator=g) > 0.9)
+    m[0, 0, 0] = float("nan")
+    m[-1, -1, -1] = -float("inf")
+    ref = torch.nn.functional.max_pool2d(m[:, None], (th, tw))[:, 0]
+    got = tb.block_max(m, th, tw)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="not a multiple"):
+        tb.block_max(m[:, :-1], th + 1, tw)
+
+
 # ---------------------------------------------------------------- public API and backends
 
 def test_public_api_dispatches_to_torch_on_cpu():

@@ -53,6 +53,13 @@ the NCHW ops and converts the stack, which is slower.
 In-place use (``inplace=True``, inference) saves a full copy of the map. On CPU the tiles go
 through gather, convs and scatter in chunks of about 8 MiB (see ``chunk_bytes``).
 
+Per-call index work: the blocks of a stage run on the same active tiles, so ``active_tiles``
+returns a :class:`~.plan.TilePlan` (still the ``(indices, K, total)`` tuple) that caches the
+gather / scatter element positions (torch backend), the off-map masks of step 3 and the
+host-side bounds of the tile indices; handed to every module of the stage (``tiles=``), each is
+computed once per frame instead of once per module, and a plan whose tiles stay inside the map
+needs no off-map masks at all (decided on the host, without a device sync).
+
 Training: in ``train()`` mode batch norm uses batch statistics, so the block runs the
 dense-masked reference (:meth:`SparseResidualBlock.dense_reference`), which the tests prove
 equal to the sparse path in ``eval()`` mode. The sparse path itself is differentiable too.
@@ -71,6 +78,7 @@ import torch.nn.functional as F
 from ..config import SparseConfig
 from . import ops
 from .geometry import conv_output_size, grid_shape, in_map_cells, pair
+from .plan import TilePlan, tile_mask
 
 __all__ = ["SparseResidualBlock", "basic_branch", "bottleneck_branch", "preact_basic_branch",
            "preact_bottleneck_branch", "fold_bn", "receptive_halo", "tile_mask", "check_branch",
@@ -292,21 +300,6 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return out
 
 
-def tile_mask(indices: torch.Tensor, shape: tuple[int, int, int], tile: int | tuple[int, int],
-              dtype=torch.float32) -> torch.Tensor:
-    """The active-tile mask upsampled to the map: ``(N, 1, H, W)`` with 1 in every cell of an
-    active ``tile x tile`` output tile (tile grid with stride = tile, offset 0)."""
-    N, H, W = shape
-    th, tw = pair(tile, "tile")
-    Ty, Tx = grid_shape((H, W), (th, tw))
-    tm = torch.zeros(N, Ty, Tx, dtype=dtype, device=indices.device)
-    if indices.numel():
-        i = indices.long()
-        tm[i[:, 0], i[:, 1], i[:, 2]] = 1
-    up = tm.repeat_interleave(th, 1).repeat_interleave(tw, 2)[:, :H, :W]
-    return up.unsqueeze(1)
-
-
 # ------------------------------------------------------------------ shared sparse machinery
 
 def _zero_off_map(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -324,7 +317,8 @@ def _zero_off_map(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def run_valid(layers: Iterable[nn.Module], t: torch.Tensor, indices: torch.Tensor,
               stride: int | tuple[int, int], offset: int | tuple[int, int],
-              hw: tuple[int, int]) -> torch.Tensor:
+              hw: tuple[int, int], *, plan: TilePlan | None = None,
+              start: int = 0) -> torch.Tensor:
     """Run ``layers`` (convs and pointwise layers) on a gathered stack of tiles, unpadded, so
     that every in-map cell gets the value the dense, zero-padded ``layers`` give it.
 
@@ -336,6 +330,9 @@ def run_valid(layers: Iterable[nn.Module], t: torch.Tensor, indices: torch.Tenso
         indices: the ``(K, 3)`` rows ``[n, ty, tx]`` of the gather.
         stride, offset: the gather's tile stride and offset (input resolution).
         hw: the map size ``(H, W)`` of the gathered map.
+        plan, start: optional :class:`~.plan.TilePlan` whose tiles ``start:start + K`` are
+            ``indices``: the off-map cells are then taken from its cache (and not looked for
+            at all when no tile of the plan crosses the border).
 
     Before every conv that reads its zero padding (effective kernel > 1 or padding > 0) the
     stack's off-map cells are zeroed, unless no layer since the gather or the last zeroing can
@@ -353,8 +350,12 @@ def run_valid(layers: Iterable[nn.Module], t: torch.Tensor, indices: torch.Tenso
             py, px = conv_padding(m)
             sy, sx = _span(m)
             if not clean and (sy > 1 or sx > 1 or py or px):
-                valid = in_map_cells(indices, t.shape[-2:], (sh, sw), (oy, ox), (H, W),
-                                     t.device)
+                if plan is not None:
+                    valid = plan.in_map_cells(t.shape[-2:], (sh, sw), (oy, ox), (H, W),
+                                              t.device, start, start + t.shape[0])
+                else:
+                    valid = in_map_cells(indices, t.shape[-2:], (sh, sw), (oy, ox), (H, W),
+                                         t.device)
                 if valid is not None:
                     t = _zero_off_map(t, valid)
                 clean = True
@@ -363,7 +364,9 @@ def run_valid(layers: Iterable[nn.Module], t: torch.Tensor, indices: torch.Tenso
                 raise ValueError(f"{m!r}: the tile grid (stride {(sh, sw)}, offset {(oy, ox)}) "
                                  f"does not map onto the conv's output grid")
             t = F.conv2d(t, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
-            H, W = conv_output_size((H, W), m.kernel_size, m.stride, (py, px), m.dilation)
+            if H + 2 * py < sy or W + 2 * px < sx:   # raises, naming the sizes
+                conv_output_size((H, W), m.kernel_size, m.stride, (py, px), m.dilation)
+            H, W = (H + 2 * py - sy) // ky + 1, (W + 2 * px - sx) // kx + 1
             sh, sw, oy, ox = sh // ky, sw // kx, (oy + py) // ky, (ox + px) // kx
             clean = clean and sy == 1 and sx == 1 and m.bias is None and not (py or px)
         else:
@@ -388,28 +391,48 @@ def _stored_nhwc(x: torch.Tensor) -> bool:
     return x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()
 
 
-def gather_stack(be, x: torch.Tensor, indices: torch.Tensor, tile, stride, offset
-                 ) -> torch.Tensor:
+def _plan_index(be, plan, tile, stride, offset, x, start, k):
+    """The plan's cached element positions for ``be``'s ``gather_at`` / ``scatter_at``, or
+    ``None`` when there is no plan or ``be`` has no such ops (the CuPy kernels compute the
+    positions themselves)."""
+    if plan is None or not hasattr(be, "gather_at"):
+        return None
+    return plan.tile_index(tile, stride, offset, (x.shape[0], x.shape[2], x.shape[3]),
+                           x.device, start, start + k)
+
+
+def gather_stack(be, x: torch.Tensor, indices: torch.Tensor, tile, stride, offset, *,
+                 plan: TilePlan | None = None, start: int = 0) -> torch.Tensor:
     """``be.gather`` of ``x`` (N, C, H, W) as a ``(K, C, th, tw)`` stack stored channels_last:
     through the NHWC op on the free permuted view when ``x`` is stored channels_last, else the
-    NCHW op and a conversion."""
-    if _stored_nhwc(x):
-        return be.gather(x.permute(0, 2, 3, 1), indices, tile, stride, offset,
-                         "NHWC").permute(0, 3, 1, 2)
-    t = be.gather(x, indices, tile, stride, offset, "NCHW")
+    NCHW op and a conversion. With a ``plan`` whose tiles ``start:start + K`` are ``indices``,
+    a backend with ``gather_at`` (torch) uses the plan's cached element positions."""
+    index = _plan_index(be, plan, tile, stride, offset, x, start, indices.shape[0])
+    nhwc = _stored_nhwc(x)
+    src, layout = (x.permute(0, 2, 3, 1), "NHWC") if nhwc else (x, "NCHW")
+    if index is not None:
+        t = be.gather_at(src, index, layout)
+    else:
+        t = be.gather(src, indices, tile, stride, offset, layout)
+    if nhwc:
+        return t.permute(0, 3, 1, 2)
     return t.contiguous(memory_format=torch.channels_last)
 
 
 def scatter_stack(be, y: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stride,
-                  offset, add: bool) -> None:
+                  offset, add: bool, *, plan: TilePlan | None = None, start: int = 0) -> None:
     """``be.scatter`` of the ``(K, C, bh, bw)`` stack ``y`` into ``base`` (N, C, H, W) in
-    place, through the NHWC op when ``base`` is stored channels_last."""
+    place, through the NHWC op when ``base`` is stored channels_last. ``plan``, ``start``: as
+    :func:`gather_stack`."""
+    index = _plan_index(be, plan, y.shape[-2:], stride, offset, base, start, indices.shape[0])
     if _stored_nhwc(base):
-        be.scatter(y.permute(0, 2, 3, 1), indices, base.permute(0, 2, 3, 1), stride, offset,
-                   add=add, inplace=True, layout="NHWC")
+        src, dst, layout = y.permute(0, 2, 3, 1), base.permute(0, 2, 3, 1), "NHWC"
     else:
-        be.scatter(y.contiguous(), indices, base, stride, offset, add=add, inplace=True,
-                   layout="NCHW")
+        src, dst, layout = y.contiguous(), base, "NCHW"
+    if index is not None:
+        be.scatter_at(src, index, dst, add=add, inplace=True, layout=layout)
+    else:
+        be.scatter(src, indices, dst, stride, offset, add=add, inplace=True, layout=layout)
 
 
 def check_mask(x: torch.Tensor, mask: torch.Tensor) -> None:
@@ -454,9 +477,11 @@ class SparseResidualBlock(nn.Module):
 
     Defaults are those of :class:`~sparse_detector_ros.config.SparseConfig`.
 
-    ``forward(x, mask, inplace=False)``: ``x`` is ``(N, C, H, W)`` (channels_last storage is
-    fastest), ``mask`` ``(N, H, W)`` or ``(N, 1, H, W)`` at the same resolution. With
+    ``forward(x, mask, inplace=False, tiles=None)``: ``x`` is ``(N, C, H, W)`` (channels_last
+    storage is fastest), ``mask`` ``(N, H, W)`` or ``(N, 1, H, W)`` at the same resolution. With
     ``inplace=True`` the result is added into ``x`` itself (inference, saves a copy of the map).
+    ``tiles``: the stage's :class:`~.plan.TilePlan` (from :meth:`active_tiles` or the stage's
+    :meth:`SparseStridedConv.active_tiles`), shared by the modules of a stage.
     Returns a tensor with ``x``'s shape and memory format. ``last_path`` tells which path the
     last call took (``"sparse"``, ``"dense"`` or ``"dense_reference"``) and
     ``last_active_fraction`` its active-tile fraction.
@@ -494,8 +519,9 @@ class SparseResidualBlock(nn.Module):
 
     # ------------------------------------------------------------------ paths
 
-    def active_tiles(self, mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """``(indices, K, total_tiles)`` of the B x B output tile grid."""
+    def active_tiles(self, mask: torch.Tensor) -> TilePlan:
+        """``(indices, K, total_tiles)`` of the B x B output tile grid, as a
+        :class:`~.plan.TilePlan` for the mask's map (hand it to every block of the stage)."""
         if mask.dim() == 4:
             mask = mask[:, 0]
         if not mask.is_floating_point():
@@ -505,7 +531,7 @@ class SparseResidualBlock(nn.Module):
                                 self.pooling)
         N, H, W = mask.shape
         Ty, Tx = grid_shape((H, W), self.tile_size)
-        return idx, k, N * Ty * Tx
+        return TilePlan(idx, k, N * Ty * Tx, (N, H, W), self.tile_size)
 
     def dense_reference(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``x + tilemask * branch(x)`` computed densely (training path, and the test oracle)."""
@@ -516,30 +542,37 @@ class SparseResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, inplace: bool = False,
                 tiles: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
         """``x + tilemask * branch(x)``. ``tiles``: the result of :meth:`active_tiles` for this
-        mask, to share one ``reduce_mask`` among the blocks of a stage (same tile size)."""
+        mask (a :class:`~.plan.TilePlan`, or a plain ``(indices, K, total)`` tuple), to share
+        one ``reduce_mask`` -- and, with a plan, its cached index tensors -- among the blocks of
+        a stage. A plan made for another map size or tile size raises ``ValueError``."""
         check_mask(x, mask)
         if self.training:
             self.last_path = "dense_reference"
             return self.dense_reference(x, mask)
-        idx, k, total = tiles if tiles is not None else self.active_tiles(mask)
+        shape = (x.shape[0], x.shape[2], x.shape[3])
+        plan = (TilePlan.of(tiles, shape, self.tile_size) if tiles is not None
+                else self.active_tiles(mask))
+        idx, k, total = plan
         frac = k / total if total else 0.0
         self.last_active_fraction = frac
         if frac > self.dense_crossover:
             self.last_path = "dense"
-            return self._dense(x, idx, k, total, inplace)
+            return self._dense(x, plan, inplace)
         self.last_path = "sparse"
-        return self._sparse(x, idx, k, inplace)
+        return self._sparse(x, plan, inplace)
 
-    def _dense(self, x, idx, k, total, inplace):
+    def _dense(self, x, plan: TilePlan, inplace):
+        _, k, total = plan
         y = self.branch(x)
         if k != total:
-            tm = tile_mask(idx, (x.shape[0], x.shape[2], x.shape[3]), self.tile_size, y.dtype)
+            tm = plan.tile_mask(y.dtype, y.device)
             y = y.mul_(tm) if not y.requires_grad else y * tm
         if inplace:
             return x.add_(y)
         return y.add_(x) if not y.requires_grad else y + x
 
-    def _sparse(self, x, idx, k, inplace):
+    def _sparse(self, x, plan: TilePlan, inplace):
+        idx, k, _ = plan
         base = x if inplace else x.clone()
         if k == 0:
             return base
@@ -555,19 +588,19 @@ class SparseResidualBlock(nn.Module):
             # order, a finished chunk may be added into x only once every tile within `reach`
             # rows after its last tile has been gathered (they read x's original values).
             reach = -(-max(hy, hx) // B) if max(hy, hx) else 0
-            keys = idx[:, :2].to("cpu", torch.int64).tolist()
+            keys = plan.host_rows()
         pending: list = []
         for s in range(0, k, chunk):
-            i = idx[s:s + chunk]
-            t = gather_stack(be, x, i, tile, B, off)
-            y = run_valid(self.branch, t, i, B, off, (H, W))
+            i = idx[s:s + chunk] if chunk < k else idx
+            t = gather_stack(be, x, i, tile, B, off, plan=plan, start=s)
+            y = run_valid(self.branch, t, i, B, off, (H, W), plan=plan, start=s)
             if not inplace or chunk >= k:
-                scatter_stack(be, y, i, base, B, 0, add=True)
+                scatter_stack(be, y, i, base, B, 0, add=True, plan=plan, start=s)
                 continue
-            pending.append((keys[min(s + chunk, k) - 1], i, y))
+            pending.append((keys[min(s + chunk, k) - 1], s, i, y))
             nxt = keys[s + chunk] if s + chunk < k else None
             while pending and (nxt is None or nxt[0] > pending[0][0][0]
                                or nxt[1] - pending[0][0][1] > reach):
-                _, pi, py = pending.pop(0)
-                scatter_stack(be, py, pi, base, B, 0, add=True)
+                _, ps, pi, py = pending.pop(0)
+                scatter_stack(be, py, pi, base, B, 0, add=True, plan=plan, start=ps)
         return base

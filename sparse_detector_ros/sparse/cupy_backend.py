@@ -13,6 +13,10 @@ torch work without any synchronisation.
 
 Differences from the torch backend:
 
+* no ``tile_index`` / ``gather_at`` / ``scatter_at`` (the torch backend's precomputed element
+  positions, which the blocks use through a :class:`~.plan.TilePlan` when the backend has
+  them): the kernels compute each element's position themselves;
+
 * not differentiable (inference path; inputs are detached before DLPack export);
 * ``reduce_mask`` takes the max of float32 masks in float32 (float64 in float64; other float
   dtypes are converted to float32 first, as the torch backend does). ``avg`` sums the window in

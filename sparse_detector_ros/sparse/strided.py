@@ -54,6 +54,8 @@ from . import ops
 from .blocks import (DEFAULTS, check_common, check_mask, check_pointwise, conv_padding,
                      fold_bn, gather_stack, run_valid, scatter_stack, tile_mask, tiles_per_chunk)
 from .geometry import conv_output_size, grid_shape, pair
+from .plan import TilePlan
+from .torch_backend import block_max
 
 __all__ = ["SparseStridedConv", "downsample_branch", "downsample_mask", "check_strided"]
 
@@ -96,7 +98,10 @@ def downsample_mask(mask: torch.Tensor, stride: int | tuple[int, int],
     Ho, Wo = out_hw
     if H == 0 or W == 0:
         return mask.new_zeros((N, Ho, Wo))
-    pooled = F.max_pool2d(mask[:, None], (sh, sw), (sh, sw), ceil_mode=True)[:, 0]
+    if H % sh == 0 and W % sw == 0:    # the common case, several times faster on CPU
+        pooled = block_max(mask, sh, sw)
+    else:
+        pooled = F.max_pool2d(mask[:, None], (sh, sw), (sh, sw), ceil_mode=True)[:, 0]
     pooled = pooled[:, :Ho, :Wo]
     if pooled.shape[1] < Ho or pooled.shape[2] < Wo:
         pooled = F.pad(pooled, (0, Wo - pooled.shape[2], 0, Ho - pooled.shape[1]))
@@ -159,8 +164,10 @@ class SparseStridedConv(nn.Module):
     Defaults are those of :class:`~sparse_detector_ros.config.SparseConfig`.
 
     ``forward(x, mask, tiles=None)``: ``x`` ``(N, C, H, W)`` (channels_last storage is
-    fastest), ``mask`` ``(N, H, W)`` or ``(N, 1, H, W)`` at ``x``'s resolution. Returns
-    ``(N, C_out, Ho, Wo)`` in ``x``'s memory format, 0 on inactive output tiles.
+    fastest), ``mask`` ``(N, H, W)`` or ``(N, 1, H, W)`` at ``x``'s resolution; ``tiles`` the
+    :class:`~.plan.TilePlan` of :meth:`active_tiles` (for the *output* map), shared with the
+    residual blocks that follow at the output resolution. Returns ``(N, C_out, Ho, Wo)`` in
+    ``x``'s memory format, 0 on inactive output tiles.
     """
 
     def __init__(self, layers: nn.Sequential, tile_size: int = DEFAULTS.tile_size,
@@ -216,12 +223,13 @@ class SparseStridedConv(nn.Module):
         (:func:`downsample_mask`): the next stage's mask."""
         return downsample_mask(mask, self.stride, self.output_size(mask.shape[-2:]))
 
-    def active_tiles(self, mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def active_tiles(self, mask: torch.Tensor) -> TilePlan:
         """``(indices, K, total_tiles)`` of the ``B x B`` output tile grid, from the mask at the
-        *input* resolution."""
+        *input* resolution, as a :class:`~.plan.TilePlan` for the *output* map (hand it to this
+        module and to the next stage's blocks)."""
         return self.active_tiles_of(self.out_mask(mask))
 
-    def active_tiles_of(self, out_mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def active_tiles_of(self, out_mask: torch.Tensor) -> TilePlan:
         """:meth:`active_tiles` from the mask already at the *output* resolution (``(N, Ho,
         Wo)``, from :meth:`out_mask`): for a caller that keeps that mask anyway."""
         be = ops.get_backend(self.backend, out_mask.device)
@@ -229,7 +237,7 @@ class SparseStridedConv(nn.Module):
                                 self.pooling)
         N, Ho, Wo = out_mask.shape
         Ty, Tx = grid_shape((Ho, Wo), self.tile_size)
-        return idx, k, N * Ty * Tx
+        return TilePlan(idx, k, N * Ty * Tx, (N, Ho, Wo), self.tile_size)
 
     # ------------------------------------------------------------------ paths
 
@@ -243,26 +251,33 @@ class SparseStridedConv(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor,
                 tiles: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
         """``tilemask_out * layers(x)``. ``tiles``: :meth:`active_tiles` of this mask, if
-        already computed."""
+        already computed (a :class:`~.plan.TilePlan` for the output map, or a plain
+        ``(indices, K, total)`` tuple); a plan made for another output map size or tile size
+        raises ``ValueError``."""
         check_mask(x, mask)
         if self.training:
             self.last_path = "dense_reference"
             return self.dense_reference(x, mask)
-        idx, k, total = tiles if tiles is not None else self.active_tiles(mask)
+        if tiles is not None:
+            Ho, Wo = self.output_size(x.shape[2:])
+            plan = TilePlan.of(tiles, (x.shape[0], Ho, Wo), self.tile_size)
+        else:
+            plan = self.active_tiles(mask)
+        idx, k, total = plan
         frac = k / total if total else 0.0
         self.last_active_fraction = frac
         if frac > self.dense_crossover:
             self.last_path = "dense"
             y = self.layers(x)
             if k != total:
-                tm = tile_mask(idx, (y.shape[0], y.shape[2], y.shape[3]), self.tile_size,
-                               y.dtype)
+                tm = plan.tile_mask(y.dtype, y.device)
                 y = y.mul_(tm) if not y.requires_grad else y * tm
             return y
         self.last_path = "sparse"
-        return self._sparse(x, idx, k)
+        return self._sparse(x, plan)
 
-    def _sparse(self, x: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+        idx, k, _ = plan
         N, C, H, W = x.shape
         Ho, Wo = self.output_size((H, W))
         channels_last = (x.is_contiguous(memory_format=torch.channels_last)
@@ -278,8 +293,8 @@ class SparseStridedConv(nn.Module):
         chunk = tiles_per_chunk(self.chunk_bytes, x.device,
                                 C * tile[0] * tile[1] * x.element_size(), k)
         for s in range(0, k, chunk):
-            i = idx[s:s + chunk]
-            t = gather_stack(be, x, i, tile, stride, off)
-            y = run_valid(self.layers, t, i, stride, off, (H, W))
-            scatter_stack(be, y, i, out, B, 0, add=False)
+            i = idx[s:s + chunk] if chunk < k else idx
+            t = gather_stack(be, x, i, tile, stride, off, plan=plan, start=s)
+            y = run_valid(self.layers, t, i, stride, off, (H, W), plan=plan, start=s)
+            scatter_stack(be, y, i, out, B, 0, add=False, plan=plan, start=s)
         return out

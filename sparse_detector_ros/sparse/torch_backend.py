@@ -25,6 +25,15 @@ the block's convolutions)::
 i.e. the gather stride is ``tile - 2*halo``: neighbouring input tiles overlap by ``2*h`` cells
 while the output tiles partition the map.
 
+Precomputed positions
+---------------------
+``gather`` and ``scatter`` derive each element's flat cell index from ``indices`` and the grid on
+every call (and, when a tile reaches past the border, which elements are off the map). A caller
+that moves the same tiles many times -- every module of a backbone stage does -- can compute them
+once with :func:`tile_index` and pass the :class:`TileIndex` to :func:`gather_at` /
+:func:`scatter_at`, which give the same results (:class:`~.plan.TilePlan` caches them per stage).
+The CuPy backend has no such functions: its kernels compute the positions themselves.
+
 Layouts
 -------
 ``gather`` and ``scatter`` take ``layout="NCHW"`` (``x`` is ``(N, C, H, W)``, tiles are
@@ -50,7 +59,8 @@ import torch.nn.functional as F
 from .geometry import (IntPair, check_geometry, check_indices, check_layout, map_shape,
                        reduce_mask_geometry, scatter_geometry)
 
-__all__ = ["reduce_mask", "gather", "scatter"]
+__all__ = ["reduce_mask", "gather", "scatter", "TileIndex", "tile_index", "gather_at",
+           "scatter_at", "index_bounds", "tiles_inside", "block_max"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,12 +99,28 @@ def reduce_mask(mask: torch.Tensor, tile: IntPair, stride: IntPair, offset: IntP
         m = m.float()
     if (pooling == "max" and oy == 0 and ox == 0 and th == sh and tw == sw
             and H % th == 0 and W % tw == 0):
-        # common case (the block's output grid on a divisible map): one pooling call
-        pooled = F.max_pool2d(m.unsqueeze(1), (th, tw)).squeeze(1)
+        # common case (the block's output grid on a divisible map): block maxima
+        pooled = block_max(m, th, tw)
     else:
         pooled = _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling)
     indices = torch.nonzero(pooled.double() > float(threshold)).to(torch.int32)
     return indices, int(indices.shape[0])
+
+
+def block_max(m: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """Maximum over the non-overlapping ``th x tw`` blocks of ``m`` ``(N, H, W)`` with ``H``
+    and ``W`` multiples of ``th`` and ``tw``: ``(N, H / th, W / tw)``, the values of
+    ``F.max_pool2d(m[:, None], (th, tw))[:, 0]`` (NaN propagates as there), computed as
+    reductions over reshaped views: on CPU several times faster than ``max_pool2d``, which
+    parallelises over ``N * C`` only (a mask has one channel). A factor 2 is one elementwise
+    ``torch.maximum`` of two strided views; larger factors are ``amax`` reductions."""
+    N, H, W = m.shape
+    if H % th or W % tw:
+        raise ValueError(f"block_max: map {(H, W)} is not a multiple of the block {(th, tw)}")
+    r = m.reshape(N, H // th, th, W)
+    r = torch.maximum(r[:, :, 0], r[:, :, 1]) if th == 2 else r.amax(2)
+    r = r.reshape(N, H // th, W // tw, tw)
+    return torch.maximum(r[..., 0], r[..., 1]) if tw == 2 else r.amax(3)
 
 
 def _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling):
@@ -128,47 +154,133 @@ def _pool(m, H, W, Ty, Tx, th, tw, sh, sw, oy, ox, pooling):
 
 
 # --------------------------------------------------------------------------------------------
-# shared index arithmetic
+# precomputed element positions (shared index arithmetic of gather and scatter)
 # --------------------------------------------------------------------------------------------
 
-def _tile_coords(indices: torch.Tensor, H: int, W: int, th, tw, sh, sw, oy, ox, device):
-    """Per-tile rows (K, th), cols (K, tw), their in-map flags, and the batch index (K,)."""
-    idx = indices.to(device=device, dtype=torch.int64)
-    n = idx[:, 0]
-    rows = idx[:, 1:2] * sh + oy + torch.arange(th, device=device)
-    cols = idx[:, 2:3] * sw + ox + torch.arange(tw, device=device)
-    return n, rows, cols
+class TileIndex:
+    """Where the elements of a stack of tiles lie on a map: what :func:`gather` and
+    :func:`scatter` compute from ``indices`` and the tile grid on every call, computed once by
+    :func:`tile_index` and reusable by :func:`gather_at` / :func:`scatter_at` for any number
+    of channels, layouts and calls on a map of the same ``(N, H, W)``.
+
+    Attributes:
+        shape: ``(N, H, W)`` of the map.
+        tile: ``(th, tw)``.
+        flat: ``(K, th, tw)`` int64, flat cell index ``(n*H + r)*W + c`` of each element,
+            clamped onto the map for elements off it.
+        valid: ``(K, th, tw)`` bool, which elements lie on the map (batch index in ``[0, N)``,
+            row and column inside); ``None`` when all of them do.
+    """
+
+    __slots__ = ("shape", "tile", "flat", "valid", "_off", "_on")
+
+    def __init__(self, shape: tuple[int, int, int], tile: tuple[int, int], flat: torch.Tensor,
+                 valid: torch.Tensor | None):
+        self.shape = shape
+        self.tile = tile
+        self.flat = flat
+        self.valid = valid
+        self._off: torch.Tensor | None = None
+        self._on: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        """``K``, the number of tiles."""
+        return int(self.flat.shape[0])
+
+    def off_map(self) -> torch.Tensor:
+        """``(M,)`` int64 positions in ``flat.reshape(-1)`` of the elements off the map
+        (computed once; empty when ``valid`` is ``None``)."""
+        if self._off is None:
+            self._off = (self.flat.new_zeros((0,)) if self.valid is None
+                         else torch.nonzero(~self.valid.reshape(-1)).flatten())
+        return self._off
+
+    def on_map(self) -> torch.Tensor:
+        """``(P,)`` int64 positions in ``flat.reshape(-1)`` of the elements on the map (computed
+        once; only meaningful when ``valid`` is not ``None``)."""
+        if self._on is None:
+            self._on = (torch.arange(self.flat.numel(), device=self.flat.device)
+                        if self.valid is None
+                        else torch.nonzero(self.valid.reshape(-1)).flatten())
+        return self._on
+
+    def rows(self, start: int, stop: int) -> "TileIndex":
+        """The index of tiles ``start:stop`` (views, no copy)."""
+        valid = self.valid[start:stop] if self.valid is not None else None
+        return TileIndex(self.shape, self.tile, self.flat[start:stop], valid)
 
 
-def _all_inside(lo: list[int], hi: list[int], N, H, W, th, tw, sh, sw, oy, ox) -> bool:
-    """Cheap host-side test whether every tile lies fully inside the map, from the smallest
-    (``lo``) and largest (``hi``) ``[n, ty, tx]`` present."""
-    return (lo[0] >= 0 and hi[0] < N and lo[1] * sh + oy >= 0 and lo[2] * sw + ox >= 0
+def index_bounds(indices: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """Column-wise smallest and largest ``[n, ty, tx]`` of ``indices`` as host lists (one
+    device-to-host copy), ``None`` for ``K = 0``."""
+    if indices.shape[0] == 0:
+        return None
+    lo, hi = indices.aminmax(dim=0)
+    return lo.tolist(), hi.tolist()
+
+
+def tiles_inside(bounds: tuple[list[int], list[int]] | None, shape: tuple[int, ...],
+                 tile: IntPair, stride: IntPair, offset: IntPair = 0) -> bool:
+    """Host-side test that every element of every tile lies on the map, from
+    :func:`index_bounds`: no tensor work. ``shape`` is ``(N, H, W)`` (the batch index is
+    checked too) or ``(H, W)`` (rows and columns only). ``True`` for ``K = 0``."""
+    if bounds is None:
+        return True
+    th, tw, sh, sw, oy, ox = check_geometry(tile, stride, offset)
+    lo, hi = bounds
+    if len(shape) == 3:
+        if lo[0] < 0 or hi[0] >= shape[0]:
+            return False
+        shape = shape[1:]
+    H, W = shape
+    return (lo[1] * sh + oy >= 0 and lo[2] * sw + ox >= 0
             and hi[1] * sh + oy + th <= H and hi[2] * sw + ox + tw <= W)
 
 
-def _flat_index(indices, N, H, W, th, tw, sh, sw, oy, ox, device):
-    """Flat cell index ``(n*H + r)*W + c`` of each tile element, (K, th, tw) int64, and a
-    (K, th, tw) bool in-map mask, or ``None`` when every element is inside the map."""
-    n, rows, cols = _tile_coords(indices, H, W, th, tw, sh, sw, oy, ox, device)
-    K = n.shape[0]
-    inside = True
-    if K:
-        lo, hi = (t.tolist() for t in indices.aminmax(dim=0))
-        inside = _all_inside(lo, hi, N, H, W, th, tw, sh, sw, oy, ox)
-    valid = None
-    if not inside:
-        # Rows with a batch index outside [0, N) or cells off the map read as zero / are
-        # dropped, as in the CuPy kernels.
-        vn = (n >= 0) & (n < N)
-        vr = (rows >= 0) & (rows < H)
-        vc = (cols >= 0) & (cols < W)
-        valid = vn[:, None, None] & vr[:, :, None] & vc[:, None, :]
-        n = n.clamp(0, N - 1)
-        rows = rows.clamp(0, H - 1)
-        cols = cols.clamp(0, W - 1)
-    flat = (n[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
-    return flat, valid
+def tile_index(indices: torch.Tensor, shape: tuple[int, int, int], tile: IntPair,
+               stride: IntPair, offset: IntPair = 0, device: torch.device | None = None,
+               bounds: tuple[list[int], list[int]] | None = None) -> TileIndex:
+    """The :class:`TileIndex` of the tiles ``indices`` (``(K, 3)`` rows ``[n, ty, tx]``) of
+    the grid ``tile``/``stride``/``offset`` on an ``(N, H, W)`` map, on ``device`` (default:
+    ``indices``' device). ``bounds``: :func:`index_bounds` of ``indices`` when the caller
+    already has it (saves the device-to-host copy that decides whether any element is off the
+    map); ``None``: computed here."""
+    check_indices(indices)
+    th, tw, sh, sw, oy, ox = check_geometry(tile, stride, offset)
+    N, H, W = (int(v) for v in shape)
+    dev = device if device is not None else indices.device
+    if bounds is None:
+        bounds = index_bounds(indices)
+    idx = indices.to(device=dev, dtype=torch.int64)
+    if tiles_inside(bounds, (N, H, W), (th, tw), (sh, sw), (oy, ox)):
+        # every element on the map: flat = corner of the tile + offset of the element in it
+        corner = (idx * torch.tensor([H * W, sh * W, sw], device=dev)).sum(1) + (oy * W + ox)
+        inner = (torch.arange(th, device=dev) * W)[:, None] + torch.arange(tw, device=dev)
+        return TileIndex((N, H, W), (th, tw), corner[:, None, None] + inner, None)
+    # Rows with a batch index outside [0, N) or cells off the map read as zero / are dropped,
+    # as in the CuPy kernels.
+    n = idx[:, 0]
+    rows = idx[:, 1:2] * sh + (oy + torch.arange(th, device=dev))
+    cols = idx[:, 2:3] * sw + (ox + torch.arange(tw, device=dev))
+    vn = (n >= 0) & (n < N)
+    vr = (rows >= 0) & (rows < H)
+    vc = (cols >= 0) & (cols < W)
+    valid = vn[:, None, None] & vr[:, :, None] & vc[:, None, :]
+    n = n.clamp(0, N - 1)
+    rows = rows.clamp(0, H - 1)
+    cols = cols.clamp(0, W - 1)
+    flat = ((n * H)[:, None] + rows)[:, :, None] * W + cols[:, None, :]
+    return TileIndex((N, H, W), (th, tw), flat, valid)
+
+
+def _check_index(index: TileIndex, N: int, H: int, W: int, what: str) -> None:
+    if not isinstance(index, TileIndex):
+        raise TypeError(f"index must be a TileIndex (from tile_index), got "
+                        f"{type(index).__name__}")
+    if index.shape != (N, H, W):
+        raise ValueError(f"{what}: the TileIndex was built for a map (N, H, W) = "
+                         f"{index.shape}, got a map of {(N, H, W)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,16 +305,30 @@ def gather(x: torch.Tensor, indices: torch.Tensor, tile: IntPair, stride: IntPai
     check_indices(indices)
     N, C, H, W = map_shape(x, layout)
     th, tw, sh, sw, oy, ox = check_geometry(tile, stride, offset)
-    K = indices.shape[0]
+    if indices.shape[0] == 0:
+        shape = (0, C, th, tw) if layout == "NCHW" else (0, th, tw, C)
+        return x.new_zeros(shape)
+    index = tile_index(indices, (N, H, W), (th, tw), (sh, sw), (oy, ox), x.device)
+    return gather_at(x, index, layout)
+
+
+def gather_at(x: torch.Tensor, index: TileIndex, layout: str = "NCHW") -> torch.Tensor:
+    """:func:`gather` with the element positions precomputed by :func:`tile_index` (for a map
+    of ``x``'s ``(N, H, W)``; ``ValueError`` otherwise). Same result, shapes and layouts."""
+    layout = check_layout(layout)
+    N, C, H, W = map_shape(x, layout)
+    _check_index(index, N, H, W, "gather_at")
+    K = index.count
+    th, tw = index.tile
     if K == 0:
         shape = (0, C, th, tw) if layout == "NCHW" else (0, th, tw, C)
         return x.new_zeros(shape)
-    flat, valid = _flat_index(indices, N, H, W, th, tw, sh, sw, oy, ox, x.device)
+    flat, valid = index.flat, index.valid
     if layout == "NHWC":
         # one contiguous C-vector per cell: a row gather
         rows = x.reshape(N * H * W, C).index_select(0, flat.reshape(-1))
         if valid is not None:   # zero the (few) out-of-map cells: clamped reads
-            bad = torch.nonzero(~valid.reshape(-1)).flatten()
+            bad = index.off_map()
             rows = rows.index_fill(0, bad, 0) if rows.requires_grad else rows.index_fill_(0, bad, 0)
         return rows.view(K, th, tw, C)
     # NCHW: element-wise gather on the flat tensor, index (K, C, th, tw)
@@ -245,17 +371,42 @@ def scatter(tiles: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, stri
     layout = check_layout(layout)
     (K, C, bh, bw, N, H, W), (sh, sw, oy, ox) = scatter_geometry(tiles, indices, base, stride,
                                                                  offset, layout)
+    if K == 0:
+        return base if inplace else base.clone()
+    index = tile_index(indices, (N, H, W), (bh, bw), (sh, sw), (oy, ox), base.device)
+    return scatter_at(tiles, index, base, add, inplace, layout)
+
+
+def scatter_at(tiles: torch.Tensor, index: TileIndex, base: torch.Tensor, add: bool = False,
+               inplace: bool = True, layout: str = "NCHW") -> torch.Tensor:
+    """:func:`scatter` with the element positions precomputed by :func:`tile_index` (for a map
+    of ``base``'s ``(N, H, W)`` and ``tiles``' tile size; ``ValueError`` otherwise). Same
+    result, shapes and layouts."""
+    layout = check_layout(layout)
+    if tiles.dim() != 4:
+        raise ValueError("tiles and base must be 4-D")
+    N, Cb, H, W = map_shape(base, layout)
+    _check_index(index, N, H, W, "scatter_at")
+    if layout == "NCHW":
+        K, C, bh, bw = tiles.shape
+    else:
+        K, bh, bw, C = tiles.shape
+    if C != Cb:
+        raise ValueError(f"tiles have {C} channels but base has {Cb}")
+    if (K, bh, bw) != (index.count, *index.tile):
+        raise ValueError(f"tiles of shape {tuple(tiles.shape)} ({layout}) do not match the "
+                         f"TileIndex: {index.count} tiles of {index.tile}")
     out = base if inplace else base.clone()
     if K == 0:
         return out
     tiles = tiles.to(out.dtype)
-    flat, valid = _flat_index(indices, N, H, W, bh, bw, sh, sw, oy, ox, out.device)
+    flat, valid = index.flat, index.valid
     if layout == "NHWC":
         src = tiles.reshape(K * bh * bw, C)
         idx = flat.reshape(-1)
         if valid is not None:
-            keep = valid.reshape(-1)
-            src, idx = src[keep], idx[keep]
+            keep = index.on_map()
+            src, idx = src.index_select(0, keep), idx.index_select(0, keep)
         if out.is_contiguous():
             view = out.view(N * H * W, C)
             (view.index_add_ if add else view.index_copy_)(0, idx, src)
