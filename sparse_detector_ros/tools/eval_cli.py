@@ -234,8 +234,10 @@ def describe(info: dict[str, Any]) -> str:
             f"training), frames {frames} of each, per LiDAR preset. Training presets: "
             f"{', '.join(info['training_presets'])}; held out of training: {held}. Mask "
             f"modes: {modes}; the default is the runtime configuration's "
-            f"`{info['default_mode']}`. The map prior is the road (map value >= "
-            f"{info['map_road_value']}) of each scene's nav2 map grown by "
+            f"`{info['default_mode']}`. The map prior is the road ("
+            + (f"map value >= {info['map_road_value']}" if info["map_road_value"] >= 0
+               else "every free cell") +
+            f") of each scene's nav2 map grown by "
             f"{info['map_margin']:g} m, at the frame's pose. Mask recall: share of evaluated "
             "objects whose centre lies in an active cell of the head (stride "
             f"{info['head_stride']}).")

@@ -1,0 +1,27 @@
+"""The model shipped with the package: its weights load through the model contract and find the
+cars of a fixed synthetic scan (a scene of the eval range, never used in training)."""
+from __future__ import annotations
+
+import numpy as np
+
+from sparse_detector_ros.config import Config
+from sparse_detector_ros.model import load_description
+from sparse_detector_ros.pipeline import Detector
+from sparse_detector_ros.sim import generate_scene, get_lidar, render_frame
+from sparse_detector_ros.sim.splits import seeds
+
+
+def test_shipped_weights_find_the_cars_of_a_fixed_scan():
+    model = load_description()
+    assert model.weights_path is not None and model.weights_path.is_file()
+    det = Detector(Config(), model)
+    assert det.trained
+    frame = render_frame(generate_scene(seeds("eval", 1, offset=100)[0], duration=0.5),
+                         get_lidar("hdl64e"), 0)
+    result = det.detect(frame.points[:, :4].astype(np.float32), tuple(frame.ego_pose[[0, 1, 3]]))
+    cars = frame.boxes[(np.asarray(frame.labels) == "car") & (frame.num_points >= 20)]
+    found = result.detections.boxes[result.detections.labels == 0].numpy()
+    assert len(cars) >= 5 and len(found) >= 1
+    dist = np.hypot(cars[:, None, 0] - found[None, :, 0], cars[:, None, 1] - found[None, :, 1])
+    hit = dist.min(1) < 1.0
+    assert hit.mean() >= 0.6, (int(hit.sum()), len(cars))
