@@ -121,6 +121,9 @@ def run(args) -> int:
         if yaml_path not in priors:
             priors[yaml_path] = MapPrior.from_yaml(yaml_path, road_min_value(base.mask),
                                                    margin=base.mask.map_margin)
+            # growing the road by the margin happens once per map (as when the node loads
+            # its map), not per scan: do it before the timed calls
+            priors[yaml_path](pose, model.grid)
         order = list(args.modes)
         k = i % len(order)
         for mode in order[k:] + order[:k]:
