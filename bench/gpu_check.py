@@ -171,6 +171,45 @@ def check_block(device, args, timeit, backends) -> dict:
         return {"error": f"{type(e).__name__}: {e}", "ok": False}
 
 
+def check_network(device, args, timeit, backends) -> dict:
+    """The shipped detector network (``SparseBEVNet`` with its description's sizes, seeded
+    random weights) on one random BEV and mask: the sparse network on ``device`` with each
+    backend against the same sparse network on the CPU with the torch backend (same algorithm:
+    equal everywhere to float tolerance), and timed sparse vs dense (all-ones mask)."""
+    from sparse_detector_ros.config import SparseConfig
+    from sparse_detector_ros.model import load_description
+    from sparse_detector_ros.model.network import SparseBEVNet
+
+    desc = load_description()
+    H, W = desc.grid.shape
+    g = torch.Generator().manual_seed(args.seed)
+    bev = (torch.rand(1, desc.channels, H, W, generator=g) < 0.05).float()
+    mask = _mask(1, H, W, args.density, torch.device("cpu"), args.seed)
+
+    def build(backend: str) -> SparseBEVNet:
+        torch.manual_seed(0)
+        return SparseBEVNet(desc, SparseConfig(backend=backend, dense_crossover=1.0)).fuse()
+
+    out: dict = {}
+    ok = True
+    with torch.inference_mode():
+        ref, ref_active = build("torch")(bev, mask)
+        for name in backends:
+            net = build(name).to(device)
+            b, m = bev.to(device), mask.to(device)
+            head, active = net(b, m)
+            err = max(float((head[k].cpu() - ref[k]).abs().max()) for k in head)
+            same_active = bool(torch.equal(active.cpu(), ref_active))
+            ones = torch.ones_like(m)
+            out[name] = {"active": round(net.stem.last_active_fraction, 4),
+                         "max_abs_err_vs_cpu_torch": err, "same_active_cells": same_active,
+                         "sparse_ms": timeit(lambda: net(b, m)),
+                         "dense_ms": timeit(lambda: net(b, ones))}
+            ok = ok and err <= 1e-3 and same_active
+    out["ok"] = ok
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=512)
@@ -211,8 +250,12 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         report["ops"] = check_ops(cb, torch_backend, device, args, timeit)
     report["block"] = check_block(device, args, timeit, backends)
+    try:
+        report["network"] = check_network(device, args, timeit, backends)
+    except Exception as e:  # report, do not hide the op results
+        report["network"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     report["ok"] = (all(r.get("ok", False) for r in report["ops"])
-                    and report["block"].get("ok", True))
+                    and report["block"].get("ok", True) and report["network"]["ok"])
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 
