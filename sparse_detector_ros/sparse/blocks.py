@@ -187,7 +187,7 @@ def check_pointwise(m: nn.Module, index: int, where: str = "branch") -> None:
             f"pointwise")
 
 
-def _check_first_not_inplace(layers: list[nn.Module], where: str) -> None:
+def check_first_not_inplace(layers: list[nn.Module], where: str) -> None:
     for i, m in enumerate(layers):
         if type(m) is nn.Identity:
             continue
@@ -245,7 +245,7 @@ def check_branch(branch: nn.Sequential) -> None:
             check_pointwise(m, i, where)
     if not _convs(layers):
         raise ValueError("branch has no nn.Conv2d")
-    _check_first_not_inplace(layers, where)
+    check_first_not_inplace(layers, where)
     c_in, c_out = _check_channels(layers, where)
     if c_in != c_out:
         raise ValueError(f"branch maps {c_in} channels to {c_out}: a residual branch must "

@@ -51,8 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .blocks import (DEFAULTS, check_common, check_mask, check_pointwise, conv_padding,
-                     fold_bn, gather_stack, run_valid, scatter_stack, tile_mask, tiles_per_chunk)
+from .blocks import (DEFAULTS, check_common, check_first_not_inplace, check_mask,
+                     check_pointwise, conv_padding, fold_bn, gather_stack, run_valid,
+                     scatter_stack, tile_mask, tiles_per_chunk)
 from .geometry import conv_output_size, grid_shape, pair
 from .plan import TilePlan
 from .torch_backend import block_max
@@ -136,14 +137,7 @@ def check_strided(layers: nn.Sequential) -> nn.Conv2d:
         if isinstance(m, nn.BatchNorm2d) and m.num_features != c:
             raise ValueError(f"{where} layer {j} ({m!r}) takes {m.num_features} channels but "
                              f"gets {c}")
-    for j, m in enumerate(layers):
-        if type(m) is nn.Identity:
-            continue
-        if getattr(m, "inplace", False):
-            raise ValueError(f"{where} layer {j} ({m!r}) is the first layer and works in "
-                             f"place: it would overwrite the input x (dense path); use "
-                             f"inplace=False for it")
-        break
+    check_first_not_inplace(list(layers), where)
     return conv
 
 
