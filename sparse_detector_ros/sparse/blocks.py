@@ -458,6 +458,17 @@ def check_common(tile_size: int, pooling: str, backend: str) -> None:
 
 # ------------------------------------------------------------------------------ the block
 
+def plan_tiles(mask: torch.Tensor, tile_size: int, threshold: float, pooling: str,
+               backend: str) -> TilePlan:
+    """The :class:`TilePlan` of the active ``tile_size`` tiles of a float ``(N, H, W)`` mask
+    (``reduce_mask`` with stride = tile, offset 0), shared by the blocks and the strided conv."""
+    be = ops.get_backend(backend, mask.device)
+    idx, k = be.reduce_mask(mask, tile_size, tile_size, 0, threshold, pooling)
+    N, H, W = mask.shape
+    Ty, Tx = grid_shape((H, W), tile_size)
+    return TilePlan(idx, k, N * Ty * Tx, (N, H, W), tile_size)
+
+
 class SparseResidualBlock(nn.Module):
     """``out = x + tilemask * branch(x)``, the branch run only on active tiles.
 
@@ -526,12 +537,7 @@ class SparseResidualBlock(nn.Module):
             mask = mask[:, 0]
         if not mask.is_floating_point():
             mask = mask.float()
-        be = ops.get_backend(self.backend, mask.device)
-        idx, k = be.reduce_mask(mask, self.tile_size, self.tile_size, 0, self.threshold,
-                                self.pooling)
-        N, H, W = mask.shape
-        Ty, Tx = grid_shape((H, W), self.tile_size)
-        return TilePlan(idx, k, N * Ty * Tx, (N, H, W), self.tile_size)
+        return plan_tiles(mask, self.tile_size, self.threshold, self.pooling, self.backend)
 
     def dense_reference(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``x + tilemask * branch(x)`` computed densely (training path, and the test oracle)."""

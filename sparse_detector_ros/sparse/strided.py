@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .blocks import (DEFAULTS, check_common, check_first_not_inplace, check_mask,
-                     check_pointwise, conv_padding, fold_bn, gather_stack, run_valid,
+                     check_pointwise, conv_padding, fold_bn, gather_stack, plan_tiles, run_valid,
                      scatter_stack, tile_mask, tiles_per_chunk)
 from .geometry import conv_output_size, grid_shape, pair
 from .plan import TilePlan
@@ -226,12 +226,7 @@ class SparseStridedConv(nn.Module):
     def active_tiles_of(self, out_mask: torch.Tensor) -> TilePlan:
         """:meth:`active_tiles` from the mask already at the *output* resolution (``(N, Ho,
         Wo)``, from :meth:`out_mask`): for a caller that keeps that mask anyway."""
-        be = ops.get_backend(self.backend, out_mask.device)
-        idx, k = be.reduce_mask(out_mask, self.tile_size, self.tile_size, 0, self.threshold,
-                                self.pooling)
-        N, Ho, Wo = out_mask.shape
-        Ty, Tx = grid_shape((Ho, Wo), self.tile_size)
-        return TilePlan(idx, k, N * Ty * Tx, (N, Ho, Wo), self.tile_size)
+        return plan_tiles(out_mask, self.tile_size, self.threshold, self.pooling, self.backend)
 
     # ------------------------------------------------------------------ paths
 
