@@ -14,6 +14,7 @@ fi
 need_apt=()
 "$PY" -c 'import ensurepip' 2>/dev/null || need_apt+=("python3-venv")
 command -v g++ >/dev/null || need_apt+=("g++")
+command -v cmake >/dev/null || need_apt+=("cmake")  # the vision_msgs interface build
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -33,4 +34,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
+bash scripts/build_vision_msgs.sh  # vision_msgs interfaces into .venv (skips when built)
 echo "setup: .venv ready"
