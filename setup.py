@@ -15,8 +15,10 @@ setup(
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config",
-         glob("config/*.yaml") + glob("config/*.xml")),
+         glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz")),
         ("share/" + package_name + "/kernels", glob("kernels/*.cu")),
+        ("share/" + package_name + "/interfaces/vision_msgs/msg",
+         glob("interfaces/vision_msgs/msg/*.msg")),
     ] + [  # shipped models: models/<name>/ (model.yaml, weights, card)
         ("share/" + package_name + "/" + d, sorted(glob(d + "/*.*")))
         for d in sorted(glob("models/*")) if os.path.isdir(d)

@@ -15,6 +15,10 @@ everywhere::
 Parameter names are dotted (``sparse.tile_size``); in a YAML file they may be nested
 (``sparse: {tile_size: 16}``) and may sit under ``<node_name>: ros__parameters:`` as ROS
 parameter files do.
+
+Live parameters: a spec with ``live=True`` (:data:`LIVE_PARAMS`: ``detector.*``, ``mask.*``,
+``node.latency_budget_ms``) may be changed while the node runs (``ros2 param set``); the node
+applies it between two frames. Every other parameter is set at start-up only.
 """
 from __future__ import annotations
 
@@ -32,12 +36,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """One runtime parameter: ``name`` (dotted), ``default`` (its type is the parameter's: a
+    tuple of floats is a ROS double array), ``min``/``max`` (inclusive; of every element of a
+    list), ``choices`` (allowed strings), ``length`` (a list's exact number of values, None: any
+    non-empty list) and ``live`` (may be changed while the node runs)."""
     name: str
     default: Any
     description: str
     min: float | int | None = None
     max: float | int | None = None
     choices: tuple[str, ...] | None = None
+    length: int | None = None
+    live: bool = False
 
     @property
     def type(self) -> type:
@@ -47,15 +57,17 @@ class ParamSpec:
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.type is tuple:
-            return f"a list of numbers in [{self.min}, {self.max}]"
+            count = "numbers" if self.length is None else f"exactly {self.length} numbers"
+            return f"a list of {count} in [{self.min}, {self.max}]"
         if self.min is not None or self.max is not None:
             return f"[{self.min}, {self.max}]"
         return f"any {self.type.__name__}"
 
     def check(self, value: Any) -> Any:
         """Return ``value`` coerced to this parameter's type, or raise :class:`ConfigError`.
-        A list parameter (a tuple default: a ROS double array) takes a non-empty list of numbers,
-        each within ``[min, max]``, and returns a tuple of floats."""
+        A list parameter (a tuple default: a ROS double array) takes a non-empty list of numbers
+        (exactly ``length`` of them when set), each within ``[min, max]``, and returns a tuple of
+        floats."""
         t = self.type
         if t is tuple:
             seq = list(value) if isinstance(value, (list, tuple)) or (
@@ -64,6 +76,9 @@ class ParamSpec:
                                   for v in seq):
                 raise ConfigError(f"parameter '{self.name}' = {value!r} has the wrong type: "
                                   f"expected a non-empty list of numbers, allowed {self.allowed()}")
+            if self.length is not None and len(seq) != self.length:
+                raise ConfigError(f"parameter '{self.name}' = {seq!r} has {len(seq)} value"
+                                  f"{'' if len(seq) == 1 else 's'}: allowed {self.allowed()}")
             for v in seq:
                 if not math.isfinite(v) or v < self.min or v > self.max:
                     raise ConfigError(f"parameter '{self.name}' = {seq!r} is out of range: "
@@ -134,34 +149,42 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("mask.mode", "occupancy", "computation mask: dense (everything), occupancy (cells "
               "with points above the local ground), map_prior (road of a nav2 map around the "
               "sensor pose), net (low-resolution network), union (of the two in mask.union)",
-              choices=("dense", "occupancy", "map_prior", "net", "union")),
+              choices=("dense", "occupancy", "map_prior", "net", "union"), live=True),
     ParamSpec("mask.union", "map_prior,occupancy", "the two masks that mask.mode 'union' joins",
-              choices=("map_prior,occupancy", "map_prior,net", "occupancy,net")),
-    ParamSpec("mask.map_yaml", "", "nav2 map_server map (YAML) for the map_prior mask"),
+              choices=("map_prior,occupancy", "map_prior,net", "occupancy,net"), live=True),
+    ParamSpec("mask.map_yaml", "", "nav2 map_server map (YAML) for the map_prior mask", live=True),
     ParamSpec("mask.map_margin", 2.0, "the road region of the map prior is grown by this [m] "
-              "(parked cars, pedestrians on the sidewalk)", 0.0, 50.0),
+              "(parked cars, pedestrians on the sidewalk)", 0.0, 50.0, live=True),
     ParamSpec("mask.map_road_min_value", -1, "map image value at or above which a cell is road; "
-              "-1: every free cell of the nav2 map", -1, 255),
+              "-1: every free cell of the nav2 map", -1, 255, live=True),
     ParamSpec("mask.map_fallback", "occupancy", "mask used while the map prior has no map or no "
-              "pose", choices=("dense", "occupancy")),
+              "pose", choices=("dense", "occupancy"), live=True),
     ParamSpec("mask.occupancy_min_points", 2, "points above the local ground a cell needs to be "
-              "active", 1, 10000),
+              "active", 1, 10000, live=True),
     ParamSpec("mask.occupancy_min_height", 0.25, "height above the local ground from which a point "
-              "counts [m]", 0.0, 5.0),
+              "counts [m]", 0.0, 5.0, live=True),
     ParamSpec("mask.occupancy_ground_cell", 3.2, "size of the cells over which the local ground "
-              "(lowest point) is estimated [m]", 0.1, 50.0),
+              "(lowest point) is estimated [m]", 0.1, 50.0, live=True),
     ParamSpec("mask.occupancy_dilation", 10, "active cells are grown by this many cells (10: the "
-              "centre of a car seen from one side stays inside)", 0, 64),
+              "centre of a car seen from one side stays inside)", 0, 64, live=True),
     ParamSpec("mask.net_threshold", 0.1, "the net mask is active where its probability exceeds "
-              "this (low: recall first)", 0.0, 1.0),
+              "this (low: recall first)", 0.0, 1.0, live=True),
     # --- detector: decoding of the head's outputs into boxes (model/decode.py).
     ParamSpec("detector.score_thresholds", (0.3,), "minimum score of a detection, one value for "
               "every class or one per class of the model (in the order of its classes)", 0.0,
-              1.0),
+              1.0, live=True),
     ParamSpec("detector.top_k", 100, "at most this many peaks per frame enter box decoding",
-              1, 10000),
+              1, 10000, live=True),
     ParamSpec("detector.nms_iou", 0.2, "BEV IoU above which the lower-scored of two boxes of "
-              "one class is suppressed (colliding peaks)", 0.0, 1.0),
+              "one class is suppressed (colliding peaks)", 0.0, 1.0, live=True),
+    # --- transform (frames.py): where the cloud's frame sits in the detection frame, the frame
+    # the model was trained in (level a tilted sensor, lift the origin to the trained height).
+    ParamSpec("transform.translation", (0.0, 0.0, 0.0), "position (x, y, z) of the cloud's frame "
+              "in the detection frame: a point p of the cloud is detected at R p + translation "
+              "[m]; boxes are published back in the cloud's frame", -100.0, 100.0, length=3),
+    ParamSpec("transform.rpy", (0.0, 0.0, 0.0), "orientation (roll, pitch, yaw; fixed axes, "
+              "R = Rz(yaw) Ry(pitch) Rx(roll)) of the cloud's frame in the detection frame "
+              "[rad]", -math.pi, math.pi, length=3),
     # --- node (node.py).
     ParamSpec("node.device", "auto", "torch device: auto (cuda if available), cpu, cuda",
               choices=("auto", "cpu", "cuda")),
@@ -171,7 +194,21 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("node.diagnostics_period", 1.0, "period of /diagnostics messages [s]", 0.05, 60.0),
     ParamSpec("node.log_throttle_sec", 5.0, "minimum time between two logs of one kind of "
               "rejected input [s]", 0.0, 3600.0),
+    ParamSpec("node.latency_budget_ms", 100.0, "diagnostics turn WARN when the p99 latency "
+              "(cloud stamp to boxes) exceeds this [ms]", 0.1, 1e6, live=True),
+    ParamSpec("node.input_timeout_s", 2.0, "diagnostics turn ERROR when no cloud arrived on "
+              "input/points for this long [s]", 0.01, 3600.0),
+    ParamSpec("node.odometry_timeout_s", 0.5, "input/odometry further than this from the "
+              "cloud's stamp (or none) means no pose: the map prior gives way to "
+              "mask.map_fallback [s]", 0.0, 3600.0),
+    ParamSpec("node.stats_window", 100, "frames over which diagnostics report the p50/p99 "
+              "timings", 1, 100000),
+    ParamSpec("node.publish_markers", True, "publish output/markers (MarkerArray: boxes, "
+              "headings, labels)"),
+    ParamSpec("node.publish_mask", True, "publish output/mask (OccupancyGrid: where the network "
+              "computed)"),
 )
+LIVE_PARAMS: frozenset[str] = frozenset(p.name for p in PARAMS if p.live)
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 GRID_SPECS: dict[str, ParamSpec] = {p.name: p for p in GRID_PARAMS}
 
@@ -308,16 +345,29 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
+class TransformConfig:
+    """The cloud frame's pose in the detection frame (``frames.MountTransform``)."""
+    translation: tuple[float, ...] = _default("transform.translation")
+    rpy: tuple[float, ...] = _default("transform.rpy")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     device: str = _default("node.device")
     qos_reliability: str = _default("node.qos_reliability")
     qos_depth: int = _default("node.qos_depth")
     diagnostics_period: float = _default("node.diagnostics_period")
     log_throttle_sec: float = _default("node.log_throttle_sec")
+    latency_budget_ms: float = _default("node.latency_budget_ms")
+    input_timeout_s: float = _default("node.input_timeout_s")
+    odometry_timeout_s: float = _default("node.odometry_timeout_s")
+    stats_window: int = _default("node.stats_window")
+    publish_markers: bool = _default("node.publish_markers")
+    publish_mask: bool = _default("node.publish_mask")
 
 
 _SECTIONS = {"model": ModelConfig, "sparse": SparseConfig, "mask": MaskConfig,
-             "detector": DetectorConfig, "node": NodeConfig}
+             "detector": DetectorConfig, "transform": TransformConfig, "node": NodeConfig}
 
 
 @dataclass(frozen=True)
@@ -328,6 +378,7 @@ class Config:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
 
     @classmethod
@@ -364,6 +415,22 @@ class Config:
             for f in fields(obj):
                 out[f"{section}.{f.name}"] = getattr(obj, f.name)
         return out
+
+    def updated(self, values: Mapping[str, Any]) -> "Config":
+        """A copy with the dotted ``values`` changed, validated like :meth:`from_flat`
+        (:class:`ConfigError` naming the first bad value)."""
+        return Config.from_flat({**self.to_flat(), **values})
+
+    def changes(self, other: "Config") -> dict[str, Any]:
+        """``{dotted name: value in other}`` for every parameter whose value differs."""
+        mine, theirs = self.to_flat(), other.to_flat()
+        return {k: v for k, v in theirs.items() if mine[k] != v}
+
+
+def start_up_only(name: str) -> str:
+    """The message for a change of a parameter that is not live."""
+    return (f"parameter '{name}' is set at start-up only: restart the node to change it "
+            f"(live parameters: {', '.join(sorted(LIVE_PARAMS))})")
 
 
 def grid_is_model_property(name: str, value: Any) -> str:
@@ -402,6 +469,10 @@ def params_yaml() -> str:
     keeps the file equal to it)."""
     lines = ["# sparse_detector_node runtime parameters (ROS 2 parameter file).",
              "# Every value here is the built-in default; ranges are enforced at start-up.",
+             "# Parameters marked 'live' may be changed while the node runs (ros2 param set: "
+             "applied",
+             "# from the next frame, checked like at start-up); the others are set at start-up "
+             "only.",
              "# The BEV grid and the classes are not here: they are properties of the trained "
              "model, set by",
              "# its model description (model.path; default: models/default/model.yaml of the "
@@ -416,12 +487,21 @@ def params_yaml() -> str:
         if sec != section:
             lines.append(f"    {sec}:")
             section = sec
-        lines.append(f"      # {p.description}; allowed {p.allowed()}")
-        v = p.default
-        text = ('""' if v == "" else v) if isinstance(v, str) else (
-            "[" + ", ".join(repr(x) for x in v) + "]" if isinstance(v, tuple) else repr(v))
-        lines.append(f"      {key}: {text}")
+        lines.append(f"      # {p.description}; allowed {p.allowed()}"
+                     + ("; live (ros2 param set)" if p.live else ""))
+        lines.append(f"      {key}: {_yaml_value(p.default)}")
     return "\n".join(lines) + "\n"
+
+
+def _yaml_value(v: Any) -> str:
+    """A default as YAML text (``true``/``false`` as every YAML parser reads them)."""
+    if isinstance(v, str):
+        return '""' if v == "" else v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(repr(x) for x in v) + "]"
+    return repr(v)
 
 
 if __name__ == "__main__":

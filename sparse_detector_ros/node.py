@@ -1,45 +1,71 @@
 """``sparse_detector_node``: the rclpy node around the ROS-free :class:`pipeline.Pipeline`.
 
-Topics
+Topics (relative names: a namespace applies)
   * subscribes ``input/points`` (sensor_msgs/PointCloud2; sensor-data QoS by default,
     ``node.qos_reliability`` and ``node.qos_depth`` configurable; remap it to your driver's topic)
+  * subscribes ``input/odometry`` (nav_msgs/Odometry; sensor-data QoS): the pose of the
+    detection frame in the map frame (the frame of ``mask.map_yaml``), for the map-prior mask.
+    Always subscribed (``mask.mode`` may switch to ``map_prior`` at run time); the latest message
+    is kept, and used for a cloud when its stamp is within ``node.odometry_timeout_s`` of the
+    cloud's; otherwise the map prior gives way to ``mask.map_fallback`` and diagnostics say why
+    (``mask_fallback``).
+  * publishes ``output/objects`` (vision_msgs/Detection3DArray; only when vision_msgs is
+    installed, else one error is logged), ``output/markers`` (visualization_msgs/MarkerArray,
+    ``node.publish_markers``) and ``output/mask`` (nav_msgs/OccupancyGrid: where the network
+    computed, ``node.publish_mask``; volatile, depth 1). Every output of a frame carries the
+    input cloud's header (stamp and frame_id) unchanged: boxes found in the detection frame are
+    moved back into the cloud's frame with the ``transform.*`` mount transform.
   * publishes ``/diagnostics`` (diagnostic_msgs/DiagnosticArray) every ``node.diagnostics_period``
+    (``ros_io.diagnostics_msg``: ERROR when no cloud arrived for ``node.input_timeout_s``, WARN
+    when frames were rejected or the p99 latency exceeds ``node.latency_budget_ms``).
 
 Threading: the subscription callback only stores the newest cloud in a one-slot mailbox; a
 worker thread takes it and runs the pipeline. A cloud that arrives while an unprocessed one is
 waiting replaces it (the replaced one is counted as dropped), so the node always works on the
 newest frame and never builds a backlog. A malformed cloud is rejected, counted, logged with
-per-kind throttling, and the node goes on.
+per-kind throttling, and the node goes on. Before subscribing, one warm-up frame of random
+points runs through the pipeline, so that the first real frame is not slow.
 
-Parameters: every entry of ``config.PARAMS``, declared read-only with a ParameterDescriptor
+Parameters: every entry of ``config.PARAMS``, declared with a ParameterDescriptor
 (description, range or choices). An invalid value stops start-up with one message naming the
-parameter, the value and the allowed range (exit code 2). The BEV grid and the classes are not
-parameters: they come from the model description (``model.path``; default: the model shipped
-with the package), which ships with the weights; an unreadable description, or weights trained
-on another grid, also stop start-up with one message.
+parameter, the value and the allowed range (exit code 2). The live ones (``config.LIVE_PARAMS``:
+``detector.*``, ``mask.*``, ``node.latency_budget_ms``) may be changed while the node runs
+(``ros2 param set``): they are checked with the same specs (a refusal gives the same message)
+and applied between two frames, under the lock that also guards each frame; a map that cannot
+be read is refused and the old configuration stays. Every other parameter is declared read-only
+(rclpy refuses a change, naming it). The BEV grid and the classes are not parameters: they come
+from the model description (``model.path``; default: the model shipped with the package), which
+ships with the weights; an unreadable description, or weights trained on another grid, also
+stop start-up with one message.
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from nav_msgs.msg import OccupancyGrid, Odometry
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                ParameterType)
+                                ParameterType, SetParametersResult)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import PointCloud2
+from visualization_msgs.msg import MarkerArray
 
-from .config import (GRID_SPECS, NODE_NAME, PARAMS, Config, ConfigError, ParamSpec,
-                     grid_is_model_property)
+from .config import (GRID_SPECS, LIVE_PARAMS, NODE_NAME, PARAMS, SPECS, Config, ConfigError,
+                     ParamSpec, grid_is_model_property, start_up_only)
+from .frames import quaternion_to_yaw
 from .model.description import load_description
-from .pipeline import STAGES, Pipeline, resolve_device
+from .pipeline import STAGES, FrameResult, Pipeline, resolve_device
 from .pointcloud import CloudError
+from .ros_io import (detections_msg, diagnostics_msg, markers_msg, mask_msg,
+                     vision_msgs_error)
 from .runtime import keep_freed_memory
-from .ros_io import diagnostics_msg
 from .stats import FrameStats
 
 _ROS_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
@@ -50,13 +76,17 @@ _FOREIGN_PARAMS = ("use_sim_time", "start_type_description_service", "qos_overri
 
 
 def descriptor(spec: ParamSpec) -> ParameterDescriptor:
-    """The ROS ParameterDescriptor of one config spec (read-only: set at start-up)."""
+    """The ROS ParameterDescriptor of one config spec: read-only unless the spec is live
+    (``config.LIVE_PARAMS``); the description says which."""
+    when = (" (live: ros2 param set applies it from the next frame)" if spec.live
+            else " (set at start-up only)")
     d = ParameterDescriptor(name=spec.name, type=_ROS_TYPES[spec.type],
-                            description=spec.description, read_only=True)
+                            description=spec.description + when, read_only=not spec.live)
     if spec.choices is not None:
         d.additional_constraints = "one of: " + ", ".join(spec.choices)
     elif spec.type is tuple:  # ROS ranges apply to scalars only: say it in words
-        d.additional_constraints = f"each value in [{spec.min}, {spec.max}]"
+        count = "" if spec.length is None else f"exactly {spec.length} values, "
+        d.additional_constraints = f"{count}each value in [{spec.min}, {spec.max}]"
     elif spec.type is float:
         d.floating_point_range = [FloatingPointRange(from_value=float(spec.min),
                                                      to_value=float(spec.max), step=0.0)]
@@ -73,8 +103,8 @@ def declare_config(node: Node) -> Config:
     values given at start-up (--params-file, -p) are then declared as given, and this function
     checks each against our specs first (one uniform message; an integer may stand for a float,
     as YAML users expect: ``dense_crossover: 1``), then re-declares it read-only with its
-    ParameterDescriptor. Unknown names get a warning and are removed; a ``grid.*`` value is an
-    error, since the grid belongs to the model description.
+    ParameterDescriptor (read-only unless live). Unknown names get a warning and are removed; a
+    ``grid.*`` value is an error, since the grid belongs to the model description.
 
     Raises :class:`ConfigError` naming the parameter, value and allowed range.
     """
@@ -113,6 +143,11 @@ def header_stamp_ns(header) -> int:
     return sec * 1_000_000_000 + nsec
 
 
+def stamp_ns(stamp) -> int:
+    """A ``builtin_interfaces/Time`` in nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
 class SparseDetectorNode(Node):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True,
@@ -130,10 +165,38 @@ class SparseDetectorNode(Node):
             self.get_logger().warning(
                 f"model '{self.model.name}' ({self.model.source}) has no trained weights: the "
                 "network runs with random weights, its boxes mean nothing")
-        self.stats = FrameStats(STAGES)
+        self.backend = self.pipeline.detector.backend
         self._last_snapshot: dict | None = None
         self._last_log: dict[str, float] = {}
+        # One frame or one reconfiguration at a time: live parameters are applied between frames.
+        self._lock = threading.Lock()
+        # Latest odometry: ((x, y, yaw) of the detection frame in the map frame, stamp [ns]).
+        self._odom: tuple[tuple[float, float, float], int] | None = None
 
+        # Outputs (relative names), all with the input cloud's header.
+        self._objects_pub = None
+        vision_error = vision_msgs_error()
+        if vision_error is None:
+            from vision_msgs.msg import Detection3DArray
+            self._objects_pub = self.create_publisher(Detection3DArray, "output/objects", 10)
+        else:
+            self.get_logger().error(vision_error)
+        self._markers_pub = (self.create_publisher(MarkerArray, "output/markers", 10)
+                             if cfg.publish_markers else None)
+        self._mask_pub = (self.create_publisher(
+            OccupancyGrid, "output/mask",
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.VOLATILE))
+            if cfg.publish_mask else None)
+
+        # Warm-up: one frame of random points before any real one (lazy initialisation).
+        warm_ms = self.pipeline.warm_up()
+        self.get_logger().info(f"warm-up frame (random points, {self.backend} backend): "
+                               f"{warm_ms:.1f} ms")
+        # counts from here: "no cloud since start-up" excludes the model loading and warm-up
+        self.stats = FrameStats(STAGES, window=cfg.stats_window)
+
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         qos = QoSProfile(
             history=qos_profile_sensor_data.history, depth=cfg.qos_depth,
             reliability=(ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
@@ -145,15 +208,46 @@ class SparseDetectorNode(Node):
         self._worker = threading.Thread(target=self._work, name="sparse_detector_worker",
                                         daemon=True)
         self._worker.start()
+        self.create_subscription(Odometry, "input/odometry", self._on_odometry,
+                                 qos_profile_sensor_data)
         self.create_subscription(PointCloud2, "input/points", self._on_cloud, qos)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(cfg.diagnostics_period, self._publish_diagnostics)
         g = self.model.grid
+        outputs = ", ".join(self.resolve_topic_name(t) for t, pub in (
+            ("output/objects", self._objects_pub), ("output/markers", self._markers_pub),
+            ("output/mask", self._mask_pub)) if pub is not None)
         self.get_logger().info(
-            f"ready on {self.device}: model '{self.model.name}' ({self.model.source}), "
-            f"grid {g.shape[0]}x{g.shape[1]} @ {g.resolution} m, "
+            f"ready on {self.device} ({self.backend} backend): model '{self.model.name}' "
+            f"({self.model.source}), grid {g.shape[0]}x{g.shape[1]} @ {g.resolution} m, "
             f"input '{self.resolve_topic_name('input/points')}' ({cfg.qos_reliability}, "
-            f"depth {cfg.qos_depth})")
+            f"depth {cfg.qos_depth}), outputs {outputs}")
+
+    # -- parameters --------------------------------------------------------------------
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        """Check live parameter changes with the config specs and apply them between frames;
+        refuse (with the spec's message) anything that cannot be applied."""
+        values = {}
+        for p in params:
+            if p.name in LIVE_PARAMS:
+                values[p.name] = p.value
+            elif p.name in SPECS:  # read-only ones are refused by rclpy before this callback
+                return SetParametersResult(successful=False, reason=start_up_only(p.name))
+        if not values:
+            return SetParametersResult(successful=True)
+        try:
+            with self._lock:
+                new = self.config.updated(values)
+                changes = self.config.changes(new)
+                self.pipeline.reconfigure(new)
+                self.config = new
+        except ConfigError as exc:
+            self.get_logger().warning(f"parameter change refused: {exc}")
+            return SetParametersResult(successful=False, reason=str(exc))
+        if changes:
+            self.get_logger().info("parameters changed: " + ", ".join(
+                f"{k} = {list(v) if isinstance(v, tuple) else v!r}" for k, v in changes.items()))
+        return SetParametersResult(successful=True)
 
     # -- subscription side -------------------------------------------------------------
     def _on_cloud(self, msg: PointCloud2) -> None:
@@ -163,6 +257,30 @@ class SparseDetectorNode(Node):
                 self.stats.dropped()
             self._mailbox = msg
             self._cv.notify()
+
+    def _on_odometry(self, msg: Odometry) -> None:
+        p, q = msg.pose.pose.position, msg.pose.pose.orientation
+        try:
+            yaw = quaternion_to_yaw(q.x, q.y, q.z, q.w)
+            if not all(math.isfinite(v) for v in (p.x, p.y)):
+                raise ValueError(f"position ({p.x}, {p.y}) is not finite")
+        except ValueError as exc:
+            self._log_throttled("bad_odometry", f"ignored an odometry message: {exc}")
+            return
+        self._odom = ((float(p.x), float(p.y), yaw), stamp_ns(msg.header.stamp))
+
+    def _pose_for(self, cloud_ns: int) -> tuple[tuple[float, float, float] | None, str]:
+        """The odometry pose to use for a cloud stamped ``cloud_ns``, or (None, why not)."""
+        odom = self._odom
+        if odom is None:
+            return None, f"no odometry received on {self.resolve_topic_name('input/odometry')}"
+        pose, odom_ns = odom
+        dt = (cloud_ns - odom_ns) / 1e9
+        limit = self.config.node.odometry_timeout_s
+        if abs(dt) > limit:
+            return None, (f"odometry {abs(dt):.1f} s {'older' if dt > 0 else 'newer'} than the "
+                          f"cloud (node.odometry_timeout_s = {limit:g})")
+        return pose, ""
 
     # -- worker side -------------------------------------------------------------------
     def _work(self) -> None:
@@ -180,33 +298,74 @@ class SparseDetectorNode(Node):
 
     def _process(self, msg: PointCloud2) -> None:
         try:
-            stamp_ns = header_stamp_ns(msg.header)
-            result = self.pipeline.process(msg)
+            cloud_ns = header_stamp_ns(msg.header)
+            pose, no_pose = self._pose_for(cloud_ns)
+            with self._lock:
+                result = self.pipeline.process(msg, pose)
+                mount = self.pipeline.mount
+                has_map = self.pipeline.detector.masker.map_prior is not None
         except CloudError as exc:
             self._reject(exc.kind, str(exc))
             return
         except Exception as exc:  # a bug must not kill the worker: count, log, go on
             self._reject("internal_error", f"{type(exc).__name__}: {exc}")
             return
-        latency_ms = (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
+        if result.mask_fallback and no_pose and has_map:
+            result.mask_fallback = f"{no_pose}; {result.mask_fallback}"
+        self._publish_outputs(msg.header, result, None if mount.is_identity else mount)
+        latency_ms = (self.get_clock().now().nanoseconds - cloud_ns) / 1e6
+        labels = result.detections.labels.cpu().numpy()
+        counts = np.bincount(labels, minlength=len(self.model.classes))
         self.stats.processed(result.points_received, result.points_kept, result.stage_ms,
                              latency_ms, active_fraction=result.active_fraction,
-                             detections=len(result.detections), mask_mode=result.mask_mode,
-                             mask_fallback=result.mask_fallback)
+                             mask_mode=result.mask_mode, mask_fallback=result.mask_fallback,
+                             detections_by_class={c: int(n) for c, n in
+                                                  zip(self.model.classes, counts)})
+
+    def _publish_outputs(self, header, result: FrameResult, mount) -> None:
+        """Detections, markers and the computation mask of one frame, with the cloud's
+        header; a conversion error is logged (throttled) and the other outputs still go out."""
+        classes = self.model.classes
+        outputs = (
+            (self._objects_pub, lambda: detections_msg(result.detections, classes, header,
+                                                       mount)),
+            (self._markers_pub, lambda: markers_msg(result.detections, classes, header, mount)),
+            (self._mask_pub, lambda: mask_msg(result.active, self.model.grid,
+                                              self.pipeline.detector.net.out_stride, header,
+                                              mount) if result.active is not None else None),
+        )
+        for pub, build in outputs:
+            if pub is None:
+                continue
+            try:
+                out = build()
+                if out is not None:
+                    pub.publish(out)
+            except Exception as exc:
+                self._log_throttled("output_error", f"could not publish on {pub.topic_name}: "
+                                    f"{type(exc).__name__}: {exc}", error=True)
 
     def _reject(self, kind: str, reason: str) -> None:
         self.stats.rejected(kind, reason)
+        self._log_throttled(kind, f"rejected a point cloud ({kind}): {reason}")
+
+    def _log_throttled(self, kind: str, text: str, error: bool = False) -> None:
+        """Log ``text`` unless a message of the same ``kind`` was logged within
+        ``node.log_throttle_sec``."""
         now = time.monotonic()
         if now - self._last_log.get(kind, -1e9) >= self.config.node.log_throttle_sec:
             self._last_log[kind] = now
-            self.get_logger().warning(f"rejected a point cloud ({kind}): {reason}")
+            (self.get_logger().error if error else self.get_logger().warning)(text)
 
     # -- diagnostics -------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
         snap = self.stats.snapshot()
+        cfg = self.config.node
         self._diag_pub.publish(diagnostics_msg(
-            snap, device=str(self.device), stamp=self.get_clock().now().to_msg(),
-            hardware_id=self.get_fully_qualified_name(), previous=self._last_snapshot))
+            snap, device=str(self.device), backend=self.backend,
+            stamp=self.get_clock().now().to_msg(), hardware_id=self.get_fully_qualified_name(),
+            previous=self._last_snapshot, input_timeout_s=cfg.input_timeout_s,
+            latency_budget_ms=cfg.latency_budget_ms))
         self._last_snapshot = snap
 
     def stop(self) -> None:

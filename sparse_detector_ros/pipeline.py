@@ -7,9 +7,16 @@ the node, the evaluation, the bag tools and the benchmarks::
     -> boxes (peak picking, NMS: model/decode.py)
 
 :class:`Pipeline` adds the ``decode`` stage in front (PointCloud2-like message -> points) for
-the node. :data:`STAGES` is the one list of stages: :class:`StageTimer` refuses to time a stage
-that is not in it, a frame's ``stage_ms`` holds exactly the stages that ran, in this order, and
-the node's diagnostics report every stage of ``stage_ms`` (``stats.FrameStats``).
+the node, and moves the points from the cloud's frame into the detection frame (the frame the
+model was trained in) with a :class:`frames.MountTransform` (``transform.*``); boxes stay in the
+detection frame (the node converts them back with the same transform, ``ros_io``).
+:data:`STAGES` is the one list of stages: :class:`StageTimer` refuses to time a stage that is not
+in it, a frame's ``stage_ms`` holds exactly the stages that ran, in this order, and the node's
+diagnostics report every stage of ``stage_ms`` (``stats.FrameStats``).
+
+Live reconfiguration: :meth:`Detector.reconfigure` (and :meth:`Pipeline.reconfigure`) apply new
+``detector.*`` and ``mask.*`` values between two frames; callers running frames on another
+thread serialise the two (the node holds one lock around both).
 """
 from __future__ import annotations
 
@@ -24,8 +31,10 @@ import torch
 import torch.nn as nn
 
 from .bev import Rasterizer
-from .config import Config
+from .config import Config, ConfigError, TransformConfig
+from .frames import MountTransform
 from .masks import ComputationMask, MapPrior, MaskNet
+from .sparse import ops as sparse_ops
 from .model.decode import Detections, decode
 from .model.description import ModelDescription, load_checkpoint
 from .model.network import SparseBEVNet, load_state
@@ -111,8 +120,11 @@ class Detector:
             from ``model`` and loaded from its weights).
 
     :meth:`detect` takes points in the sensor frame and, for the map-prior mask, the sensor's
-    pose ``(x, y, yaw)`` in the map frame.
+    pose ``(x, y, yaw)`` in the map frame. :meth:`reconfigure` applies new ``detector.*`` and
+    ``mask.*`` values between frames.
     """
+    #: config sections fixed when the detector is built (the network is built from them)
+    FIXED_SECTIONS = ("model.", "sparse.")
 
     def __init__(self, config: Config, model: ModelDescription,
                  device: torch.device | str = "cpu", modules: nn.ModuleDict | None = None):
@@ -143,6 +155,43 @@ class Detector:
         """Use another map for the map-prior mask (e.g. the map of another scene)."""
         self.masker.map_prior = prior
 
+    @property
+    def backend(self) -> str:
+        """The sparse gather/scatter backend ``sparse.backend`` resolves to on this device:
+        ``torch`` or ``cupy`` (or ``unavailable: <why>``)."""
+        try:
+            mod = sparse_ops.get_backend(self.config.sparse.backend, self.device)
+        except RuntimeError as e:
+            return f"unavailable: {e}"
+        return mod.__name__.rsplit(".", 1)[-1].removesuffix("_backend")
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply ``config``'s ``detector.*`` (thresholds, top_k, nms_iou) and ``mask.*``
+        values from the next :meth:`detect` on. A new ``mask.*`` builds a new
+        :class:`masks.ComputationMask`; its map is re-read only when ``mask.map_yaml``,
+        ``mask.map_margin`` or ``mask.map_road_min_value`` changed (else the current map,
+        including one given by :meth:`set_map_prior`, is kept).
+
+        Raises :class:`ConfigError` (and changes nothing) for a value this detector cannot
+        take: a ``model.*``/``sparse.*`` change (fixed when it was built), thresholds that do not
+        fit the model's classes, a map that cannot be read. Other sections (``node.*``,
+        ``transform.*``) are not the detector's and are ignored.
+        """
+        changed = self.config.changes(config)
+        fixed = [name for name in changed if name.startswith(self.FIXED_SECTIONS)]
+        if fixed:
+            raise ConfigError(f"parameter '{fixed[0]}' = {changed[fixed[0]]!r} cannot change "
+                              "on a running detector: it is set at start-up only")
+        thresholds = config.detector.thresholds_for(self.model.classes)
+        masker = self.masker
+        if config.mask != self.config.mask:
+            old, new = self.config.mask, config.mask
+            same_map = (old.map_yaml, old.map_margin, old.map_road_min_value) == (
+                new.map_yaml, new.map_margin, new.map_road_min_value)
+            masker = ComputationMask(new, self.grid, mask_net=self.mask_net,
+                                     map_prior=self.masker.map_prior if same_map else None)
+        self.config, self.thresholds, self.masker = config, thresholds, masker
+
     @torch.inference_mode()
     def detect(self, points: np.ndarray | torch.Tensor, pose: Sequence[float] | None = None,
                timer: StageTimer | None = None) -> FrameResult:
@@ -169,22 +218,64 @@ class Detector:
                            stage_ms=timer.ordered(), bev=bev, active=active[0])
 
 
+def mount_transform(config: TransformConfig) -> MountTransform:
+    """The :class:`frames.MountTransform` of the ``transform.*`` parameters."""
+    return MountTransform(config.translation, config.rpy)
+
+
+def warm_up_points(grid, n: int = 20000, seed: int = 0) -> np.ndarray:
+    """``(n, 4)`` float32 random points spread over ``grid`` (x, y inside the extent, z between
+    ``z_min`` and ``z_max``, intensity up to ``intensity_max``): a frame that runs every stage."""
+    rng = np.random.default_rng(seed)
+    pts = np.empty((n, 4), np.float32)
+    pts[:, 0] = rng.uniform(grid.x_min, grid.x_max, n)
+    pts[:, 1] = rng.uniform(grid.y_min, grid.y_max, n)
+    pts[:, 2] = rng.uniform(grid.z_min, grid.z_max, n)
+    pts[:, 3] = rng.uniform(0.0, grid.intensity_max, n)
+    return pts
+
+
 class Pipeline:
-    """PointCloud2-like message -> :class:`FrameResult`: decode, then :class:`Detector`.
+    """PointCloud2-like message -> :class:`FrameResult`: decode, move the points into the
+    detection frame, then :class:`Detector`.
 
     ``config`` holds the runtime parameters, ``model`` the model description (its BEV grid is
-    what the weights were trained on)."""
+    what the weights were trained on). ``mount``: the pose of the cloud's frame in the detection
+    frame (default: from ``config.transform``; identity = detect in the cloud's frame). The
+    boxes of :meth:`process` are in the detection frame; ``mount.boxes_to_cloud`` takes them
+    back to the cloud's frame."""
 
     def __init__(self, config: Config, model: ModelDescription,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", mount: MountTransform | None = None):
         self.config = config
         self.model = model
         self.device = torch.device(device)
+        self.mount = mount if mount is not None else mount_transform(config.transform)
         self.detector = Detector(config, model, self.device)
 
+    def reconfigure(self, config: Config) -> None:
+        """:meth:`Detector.reconfigure`, and a new mount transform when ``transform.*``
+        changed. Raises :class:`ConfigError` (changing nothing) for a value that cannot be
+        applied."""
+        mount = (mount_transform(config.transform) if config.transform != self.config.transform
+                 else self.mount)
+        self.detector.reconfigure(config)
+        self.config, self.mount = config, mount
+
+    def warm_up(self, n_points: int = 20000, seed: int = 0) -> float:
+        """Run one frame of random points (:func:`warm_up_points`, detection frame, no pose)
+        through the detector, so that the first real frame does not pay for lazy
+        initialisation (allocator, kernels, caches); returns its wall time [ms]."""
+        t0 = time.perf_counter()
+        self.detector.detect(warm_up_points(self.model.grid, n_points, seed))
+        return (time.perf_counter() - t0) * 1e3
+
     def process(self, cloud: Any, pose: Sequence[float] | None = None) -> FrameResult:
-        """Run all stages on one PointCloud2-like message. Raises ``pointcloud.CloudError`` for
-        a malformed cloud or one without any valid point (nothing else is changed)."""
+        """Run all stages on one PointCloud2-like message (points moved into the detection
+        frame by :attr:`mount`, timed as part of ``decode``); ``pose``: ``(x, y, yaw)`` of the
+        detection frame in the map frame, for the map-prior mask. Raises
+        ``pointcloud.CloudError`` for a malformed cloud or one without any valid point (nothing
+        else is changed)."""
         timer = StageTimer(self.device)
         with timer("decode"):
             points = decode_cloud(cloud)
@@ -192,6 +283,7 @@ class Pipeline:
                 total = int(cloud.width) * int(cloud.height)
                 raise CloudError("empty", f"point cloud has no valid points ({total} before "
                                  "removing NaN/Inf)")
+            points = self.mount.points_to_detection(points)
         result = self.detector.detect(points, pose, timer)
         result.points_received = int(cloud.width) * int(cloud.height)
         return result

@@ -2,19 +2,57 @@
 
 The subscription callback, the worker thread and the diagnostics timer all touch these
 counters, so every access goes through one lock. :meth:`FrameStats.snapshot` returns a plain
-dict that ``ros_io.diagnostics_msg`` turns into a DiagnosticArray. Its ``stage_ms`` holds every
-stage the pipeline timed: the stages given at construction (``pipeline.STAGES``) in their order,
-reported as 0 while no frame ran them, then any other stage a frame reported.
+dict that ``ros_io.diagnostics_msg`` turns into a DiagnosticArray.
+
+Two kinds of timing statistics, per stage (``stage_ms``), for the sum of the stages
+(``total_ms``) and for the latency from the cloud's stamp to the published outputs
+(``latency_ms``):
+
+* ``(mean, max)`` over the frames processed since the previous snapshot (one diagnostics
+  period; ``frames_in_window`` of them), cleared by every snapshot;
+* ``(p50, p99)`` over the last ``window`` frames processed (``node.stats_window``; a rolling
+  window that snapshots do not clear; ``frames_in_stats`` of them).
+
+Both hold every stage the pipeline timed: the stages given at construction (``pipeline.STAGES``)
+in their order, reported as 0 while no frame ran them, then any other stage a frame reported.
 """
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
+from typing import Callable, Mapping
+
+import numpy as np
+
+
+def p50_p99(values) -> tuple[float, float]:
+    """Median and 99th percentile (linear interpolation) of ``values``; (0, 0) when empty."""
+    if len(values) == 0:
+        return 0.0, 0.0
+    p50, p99 = np.percentile(np.asarray(values, np.float64), [50.0, 99.0])
+    return float(p50), float(p99)
 
 
 class FrameStats:
-    def __init__(self, stages: tuple[str, ...]):
+    """Frame counters and timing windows.
+
+    Args:
+        stages: the pipeline's stages, reported (as 0) before any frame ran them.
+        window: frames in the rolling p50/p99 window (``node.stats_window``, >= 1).
+        clock: monotonic seconds (tests pass a fake one); the time since the last received
+            cloud (or since construction, before the first) is measured with it.
+    """
+
+    def __init__(self, stages: tuple[str, ...], window: int = 100,
+                 clock: Callable[[], float] = time.monotonic):
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1 frame, got {window!r}")
         self._lock = threading.Lock()
+        self._clock = clock
+        self.window = int(window)
+        self._started = clock()
+        self._last_input: float | None = None
         self.frames_received = 0
         self.frames_processed = 0
         self.frames_dropped = 0
@@ -23,17 +61,24 @@ class FrameStats:
         self.last_rejection = ""
         self.points_received = 0
         self.points_kept = 0
-        self._window: dict[str, list[float]] = {s: [] for s in stages}
+        # since the last snapshot
+        self._period: dict[str, list[float]] = {s: [] for s in stages}
         self._total: list[float] = []
         self._latency: list[float] = []
         self._active: list[float] = []
+        # the last `window` frames
+        self._roll: dict[str, deque[float]] = {s: deque(maxlen=self.window) for s in stages}
+        self._roll_total: deque[float] = deque(maxlen=self.window)
+        self._roll_latency: deque[float] = deque(maxlen=self.window)
         self.detections = 0
+        self.detections_by_class: dict[str, int] = {}
         self.mask_mode = ""
         self.mask_fallback = ""
 
     def received(self) -> None:
         with self._lock:
             self.frames_received += 1
+            self._last_input = self._clock()
 
     def dropped(self) -> None:
         with self._lock:
@@ -45,34 +90,49 @@ class FrameStats:
             self.rejected_by_kind[kind] += 1
             self.last_rejection = reason
 
-    def processed(self, points_received: int, points_kept: int, stage_ms: dict[str, float],
+    def processed(self, points_received: int, points_kept: int, stage_ms: Mapping[str, float],
                   latency_ms: float, active_fraction: float = 1.0, detections: int = 0,
-                  mask_mode: str = "", mask_fallback: str = "") -> None:
+                  mask_mode: str = "", mask_fallback: str = "",
+                  detections_by_class: Mapping[str, int] | None = None) -> None:
+        """Account one processed frame. ``detections_by_class``: ``{class: count}`` of this
+        frame (every class of the model, zeros included); ``detections`` is its total when
+        given."""
         with self._lock:
             self.frames_processed += 1
             self.points_received = points_received
             self.points_kept = points_kept
+            if detections_by_class is not None:
+                self.detections_by_class = dict(detections_by_class)
+                detections = sum(self.detections_by_class.values())
             self.detections = detections
             self.mask_mode = mask_mode
             self.mask_fallback = mask_fallback
             self._active.append(active_fraction)
             for s, ms in stage_ms.items():
-                self._window.setdefault(s, []).append(ms)
-            self._total.append(sum(stage_ms.values()))
+                self._period.setdefault(s, []).append(ms)
+                self._roll.setdefault(s, deque(maxlen=self.window)).append(ms)
+            total = sum(stage_ms.values())
+            self._total.append(total)
+            self._roll_total.append(total)
             self._latency.append(latency_ms)
+            self._roll_latency.append(latency_ms)
 
     def snapshot(self) -> dict:
-        """Counters plus mean/max of each timing over the frames since the last snapshot."""
+        """Counters, the ``(mean, max)`` timings since the last snapshot (then cleared), the
+        ``(p50, p99)`` timings over the rolling window, and ``seconds_since_input``: seconds
+        since the last cloud arrived (``input_received`` False: since construction)."""
         def mean_max(v: list[float]) -> tuple[float, float]:
             return (sum(v) / len(v), max(v)) if v else (0.0, 0.0)
 
         with self._lock:
-            stage_ms = {k: mean_max(v) for k, v in self._window.items()}
+            now = self._clock()
+            stage_ms = {k: mean_max(v) for k, v in self._period.items()}
             total, latency = mean_max(self._total), mean_max(self._latency)
             active = mean_max(self._active)
             frames_in_window = len(self._total)
-            for v in (*self._window.values(), self._total, self._latency, self._active):
+            for v in (*self._period.values(), self._total, self._latency, self._active):
                 v.clear()
+            since = self._last_input if self._last_input is not None else self._started
             return {
                 "frames_received": self.frames_received,
                 "frames_processed": self.frames_processed,
@@ -86,8 +146,16 @@ class FrameStats:
                 "stage_ms": stage_ms,
                 "total_ms": total,
                 "latency_ms": latency,
+                "frames_in_stats": len(self._roll_total),
+                "stats_window": self.window,
+                "stage_ms_pct": {k: p50_p99(v) for k, v in self._roll.items()},
+                "total_ms_pct": p50_p99(self._roll_total),
+                "latency_ms_pct": p50_p99(self._roll_latency),
                 "active_fraction": active,
                 "detections": self.detections,
+                "detections_by_class": dict(self.detections_by_class),
                 "mask_mode": self.mask_mode,
                 "mask_fallback": self.mask_fallback,
+                "input_received": self._last_input is not None,
+                "seconds_since_input": max(0.0, now - since),
             }

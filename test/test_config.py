@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_detector_ros.config import (
-    GRID_PARAMS, GRID_SPECS, NODE_NAME, PARAMS, SPECS, Config, ConfigError, DetectorConfig,
-    GridConfig, MaskConfig, ModelConfig, NodeConfig, ParamSpec, SparseConfig, flatten,
-    unwrap_ros_params,
+    GRID_PARAMS, GRID_SPECS, LIVE_PARAMS, NODE_NAME, PARAMS, SPECS, Config, ConfigError,
+    DetectorConfig, GridConfig, MaskConfig, ModelConfig, NodeConfig, ParamSpec, SparseConfig,
+    TransformConfig, flatten, start_up_only, unwrap_ros_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_params_and_dataclass_fields_are_one_to_one_in_order():
 def test_dataclass_field_defaults_match_specs():
     sections = (("grid", GridConfig, GRID_SPECS), ("model", ModelConfig, SPECS),
                 ("sparse", SparseConfig, SPECS), ("mask", MaskConfig, SPECS),
-                ("detector", DetectorConfig, SPECS),
+                ("detector", DetectorConfig, SPECS), ("transform", TransformConfig, SPECS),
                 ("node", NodeConfig, SPECS))
     for section, cls, specs in sections:
         names = [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
@@ -91,7 +91,7 @@ def test_grid_is_not_a_runtime_parameter():
 
 @pytest.mark.parametrize("p", ALL, ids=IDS)
 def test_spec_is_well_formed(p: ParamSpec):
-    assert re.fullmatch(r"(grid|model|sparse|mask|detector|node)\.[a-z_]+", p.name)
+    assert re.fullmatch(r"(grid|model|sparse|mask|detector|transform|node)\.[a-z_]+", p.name)
     assert p.description.strip()
     assert p.type in (int, float, str, bool, tuple)
     assert p.check(p.default) == p.default  # every default is valid
@@ -101,6 +101,9 @@ def test_spec_is_well_formed(p: ParamSpec):
         assert p.min is not None and p.max is not None and p.min <= p.default <= p.max
     if p.type is tuple:
         assert p.default and all(type(v) is float and p.min <= v <= p.max for v in p.default)
+        assert p.length is None or len(p.default) == p.length
+    else:
+        assert p.length is None
 
 
 def test_from_flat_and_from_dict_of_nothing_are_the_defaults():
@@ -297,6 +300,8 @@ def _wrong_types(p):
         return ["0.5", True, None, [1.0]]
     if p.type is int:
         return [float(p.default), "5", True, None]
+    if p.type is bool:
+        return [1, 0, "true", None, [True]]
     return [1, 1.5, True, None, ["auto"]]
 
 
@@ -413,9 +418,11 @@ def _valid_values(p: ParamSpec):
         return st.integers(int(p.min), int(p.max))
     if p.type is str:
         return st.text(max_size=20)
+    if p.type is bool:
+        return st.booleans()
     if p.type is tuple:
-        return st.lists(st.floats(p.min, p.max, allow_nan=False), min_size=1,
-                        max_size=4).map(tuple)
+        return st.lists(st.floats(p.min, p.max, allow_nan=False), min_size=p.length or 1,
+                        max_size=p.length or 4).map(tuple)
     return st.floats(p.min, p.max, allow_nan=False)
 
 
@@ -474,3 +481,45 @@ def test_score_thresholds_out_of_range_names_the_list():
         Config.from_flat({"detector.score_thresholds": [0.2, 1.5]})
     assert_config_error(e, "'detector.score_thresholds'", "[0.2, 1.5]", "out of range",
                         "[0.0, 1.0]")
+
+
+def test_transform_lists_need_exactly_three_values():
+    cfg = Config.from_dict({"transform": {"translation": [1, 0, 1.8], "rpy": [0, 0.1, -3]}})
+    assert cfg.transform.translation == (1.0, 0.0, 1.8) and cfg.transform.rpy == (0.0, 0.1, -3.0)
+    for name in ("transform.translation", "transform.rpy"):
+        for bad in ([0.0, 0.0], [0.0], [0.0, 0.0, 0.0, 0.0]):
+            with pytest.raises(ConfigError) as e:
+                Config.from_flat({name: bad})
+            assert_config_error(e, f"'{name}'", repr(bad), f"has {len(bad)} value",
+                                "exactly 3 numbers")
+
+
+def test_rpy_is_in_radians_within_pi():
+    assert SPECS["transform.rpy"].check([math.pi, -math.pi, 0]) == (math.pi, -math.pi, 0.0)
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"transform.rpy": [0.0, 0.0, 90.0]})  # degrees by mistake
+    assert_config_error(e, "'transform.rpy'", "out of range", f"[{-math.pi}, {math.pi}]")
+
+
+# --------------------------------------------------------------------------- live parameters
+
+def test_live_parameters_are_the_detector_mask_and_latency_budget():
+    assert LIVE_PARAMS == {p.name for p in PARAMS if p.name.startswith(("detector.", "mask."))} \
+        | {"node.latency_budget_ms"}
+    text = YAML_PATH.read_text(encoding="utf-8")
+    for p in PARAMS:  # the parameter file says which ones are live
+        comment = text.split(f"\n      {p.name.split('.', 1)[1]}:")[0].rsplit("\n", 1)[1]
+        assert comment.endswith("; live (ros2 param set)") == (p.name in LIVE_PARAMS), p.name
+
+
+def test_updated_validates_and_changes_lists_the_differences():
+    cfg = Config()
+    new = cfg.updated({"detector.score_thresholds": [1.0], "mask.mode": "dense"})
+    assert new.detector.score_thresholds == (1.0,) and new.mask.mode == "dense"
+    assert cfg.changes(new) == {"detector.score_thresholds": (1.0,), "mask.mode": "dense"}
+    assert cfg.changes(cfg) == {}
+    with pytest.raises(ConfigError) as e:
+        cfg.updated({"detector.nms_iou": 2.0})
+    assert_config_error(e, "'detector.nms_iou' = 2.0 is out of range")
+    msg = start_up_only("node.device")
+    assert "'node.device' is set at start-up only" in msg and "detector.top_k" in msg

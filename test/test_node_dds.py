@@ -1,5 +1,6 @@
 """The installed sparse_detector_node, started as a subprocess with the package's parameter file,
 driven over real DDS (loopback only, own domain: see conftest.py)."""
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,10 +9,15 @@ import pytest
 import torch
 
 from sparse_detector_ros.config import GridConfig
+from sparse_detector_ros.frames import MountTransform
+from sparse_detector_ros.masks import save_map
 from sparse_detector_ros.model import ModelDescription, load_description, save_checkpoint
 from sparse_detector_ros.pipeline import STAGES
 from sparse_detector_ros.pointcloud import encode
 from sparse_detector_ros.ros_io import cloud_to_msg
+from sparse_detector_ros.sim import generate_scene, get_lidar, render_frame
+from sparse_detector_ros.sim.export import cloud_buffer
+from sparse_detector_ros.sim.splits import seeds
 from sparse_detector_ros.tools.node_client import NodeProcess, Probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +56,8 @@ def probe():
 
 @pytest.fixture
 def node_with_extras():
-    proc = NodeProcess(PARAMS_FILE, {"sparse.tile": 8, "sparse.dense_crossover": 1})
+    proc = NodeProcess(PARAMS_FILE, {"sparse.tile": 8, "sparse.dense_crossover": 1,
+                                     "node.publish_mask": False})
     p = Probe()
     yield proc, p
     p.close()
@@ -137,6 +144,13 @@ def start_and_wait(params: dict) -> tuple[int, str]:
         proc.close()
 
 
+def test_transform_with_two_values_stops_startup():
+    code, log = start_and_wait({"transform.translation": [1.0, 2.0]})
+    assert code == 2
+    assert ("parameter 'transform.translation' = [1.0, 2.0] has 2 values: allowed a list of "
+            "exactly 3 numbers in [-100.0, 100.0]") in log, log
+
+
 def test_out_of_range_parameter_stops_startup():
     code, log = start_and_wait({"sparse.tile_size": 65})
     assert code == 2
@@ -169,6 +183,10 @@ def test_unknown_parameter_is_a_warning_and_int_stands_for_float(node_with_extra
     proc, probe = node_with_extras
     assert probe.wait_for_subscriber(30), proc.log()
     assert "unknown parameter 'sparse.tile' ignored" in proc.log()
+    # node.publish_mask false: no output/mask publisher, the other outputs are there
+    assert probe.wait_for(lambda: probe.node.count_publishers("/output/markers") == 1, 10)
+    assert probe.node.count_publishers("/output/objects") == 1
+    assert probe.node.count_publishers("/output/mask") == 0
     assert proc.alive()
     assert proc.interrupt() == 0
 
@@ -188,3 +206,142 @@ def test_demo_command_runs_end_to_end():
     assert int(counters["frames_processed"]) + int(counters["frames_dropped"]) == 5
     assert int(counters["frames_processed"]) >= 1 and counters["frames_rejected"] == "0"
     assert "node stopped with exit code 0" in out.stdout
+
+
+# --------------------------------------------------------------------------- outputs, live params
+
+# The sensor is mounted turned by 90 degrees and 0.5 m lower than the detection frame the model
+# was trained in: its clouds are the simulated scan seen from there, and the node's outputs must
+# come back in that (cloud) frame.
+MOUNT = {"transform.translation": [0.0, 0.0, 0.5], "transform.rpy": [0.0, 0.0, math.pi / 2]}
+
+
+@pytest.fixture(scope="module")
+def mounted_scan():
+    """One hdl64e scan of a fixed scene (the shipped model's test scene) expressed in the
+    mounted sensor's frame, and its ground-truth car centres (points >= 20) in that frame."""
+    frame = render_frame(generate_scene(seeds("eval", 1, offset=100)[0], duration=0.5),
+                         get_lidar("hdl64e"), 0)
+    mount = MountTransform(MOUNT["transform.translation"], MOUNT["transform.rpy"])
+    to_cloud = lambda p: (p - mount.translation) @ mount.rotation  # noqa: E731  R^T (p - t)
+    frame.points[:, :3] = to_cloud(frame.points[:, :3].astype(np.float64))
+    cars = frame.boxes[(np.asarray(frame.labels) == "car") & (frame.num_points >= 20)]
+    return cloud_buffer(frame, "velodyne"), to_cloud(cars[:, :3].astype(np.float64)), mount
+
+
+def road_map(tmp_path):
+    """A nav2 map that is road everywhere within 150 m of the map origin."""
+    return str(save_map(tmp_path / "map.yaml", np.full((300, 300), 254, np.uint8),
+                        origin=(-150.0, -150.0, 0.0), resolution=1.0))
+
+
+def stamp_of(msg):
+    return (msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id)
+
+
+def test_outputs_odometry_and_live_parameters(tmp_path, mounted_scan):
+    scan, cars, mount = mounted_scan
+    params = FAST | MOUNT | {"mask.mode": "map_prior", "mask.map_yaml": road_map(tmp_path),
+                             "node.input_timeout_s": 1.0}
+    node, probe = NodeProcess(PARAMS_FILE, params), Probe()
+    try:
+        assert probe.wait_for_subscriber(60), node.log()
+        assert probe.has_objects, "vision_msgs should be installed by setup"
+        assert "warm-up frame" in node.log()
+        # ERROR before any cloud arrived (node.input_timeout_s), and the backend
+        d = probe.wait_for_diag(lambda d: d["level"] == "2", 15)
+        assert d is not None, node.log()
+        assert "no point cloud received since start-up" in d["message"]
+        assert d["backend"] == "torch" and d["device"] == "cpu"
+
+        def frame(n, odom_age=None):
+            """Send the scan (after odometry ``odom_age`` s older than it, if given); return
+            its stamp and the diagnostics once it is processed (the n-th frame)."""
+            stamp = probe.now()
+            if odom_age is not None:
+                t = stamp.sec + stamp.nanosec * 1e-9 - odom_age
+                odom_stamp = type(stamp)(sec=int(t), nanosec=int(round((t % 1) * 1e9)) % 10**9)
+                for _ in range(3):
+                    probe.publish_odometry(0.0, 0.0, 0.0, odom_stamp)
+                    probe.spin_for(0.1)
+            probe.publish(scan, stamp=stamp)
+            d = probe.wait_for_diag(lambda d: int(d["frames_processed"]) >= n, 60)
+            assert d is not None and int(d["frames_processed"]) == n, (d, node.log())
+            return stamp, d
+
+        # 1. no odometry: map prior -> fallback, said why; outputs carry the cloud's header
+        stamp, d = frame(1)
+        assert d["mask_mode"] == "occupancy", d
+        assert d["mask_fallback"].startswith("no odometry received on /input/odometry; no "
+                                             "sensor pose"), d
+        want = (stamp.sec, stamp.nanosec, "lidar")
+        objects = probe.wait_for_output("objects", stamp, 30)
+        markers = probe.wait_for_output("markers", stamp, 30)
+        mask = probe.wait_for_output("masks", stamp, 30)
+        assert objects and markers and mask, node.log()
+        assert stamp_of(objects) == want and stamp_of(mask) == want
+        assert all(stamp_of(m) == want for m in [*objects.detections, *markers.markers])
+        found = np.array([[x.bbox.center.position.x, x.bbox.center.position.y,
+                           x.bbox.center.position.z] for x in objects.detections
+                          if x.results[0].hypothesis.class_id == "car"])
+        assert len(found) >= 1 and int(d["detections.car"]) == len(found)
+        assert int(d["detections"]) == len(objects.detections)
+        # boxes in the cloud's frame: near the ground-truth cars seen from the mounted sensor
+        dist = np.linalg.norm(found[:, None, :2] - cars[None, :, :2], axis=2).min(1)
+        assert (dist < 2.0).mean() >= 0.5, dist
+        assert markers.markers[0].action == markers.markers[0].DELETEALL
+        assert len(markers.markers) == 1 + 3 * len(objects.detections)
+        grid = load_description().grid
+        origin = (np.array([grid.x_min, grid.y_min, 0.0]) - mount.translation) @ mount.rotation
+        o = mask.info.origin.position
+        assert np.allclose([o.x, o.y, o.z], origin, atol=1e-6)
+        assert 100 in mask.data and 0 in mask.data
+        for key in (*[f"{s}_ms_p{q}" for s in STAGES for q in (50, 99)], "total_ms_p50",
+                    "total_ms_p99", "latency_ms_p50", "latency_ms_p99"):
+            assert float(d[key]) > 0, key
+
+        # 2. odometry too old, then fresh: the map prior is used
+        _, d = frame(2, odom_age=2.0)
+        assert d["mask_fallback"].startswith("odometry 2.0 s older than the cloud "
+                                             "(node.odometry_timeout_s = 0.5)"), d
+        _, d = frame(3, odom_age=0.0)
+        assert d["mask_mode"] == "map_prior" and d["mask_fallback"] == "", d
+
+        # 3. live parameters take effect from the next frame
+        ok, = probe.set_parameters({"detector.score_thresholds": [1.0]})
+        assert ok.successful, ok.reason
+        stamp, d = frame(4)
+        objects = probe.wait_for_output("objects", stamp, 30)
+        assert objects is not None and len(objects.detections) == 0
+        assert int(d["detections"]) == 0 and d["detections.car"] == "0"
+        assert len(probe.wait_for_output("markers", stamp, 30).markers) == 1  # DELETEALL only
+        ok, = probe.set_parameters({"mask.mode": "dense"})
+        assert ok.successful, ok.reason
+        _, d = frame(5)
+        assert d["mask_mode"] == "dense" and float(d["active_fraction"]) == 1.0, d
+
+        # 4. refused: start-up only, out of range, a map that cannot be read (old one stays)
+        res = probe.set_parameters({"node.device": "cpu", "sparse.tile_size": 8,
+                                    "detector.score_thresholds": [0.2, 1.5]})
+        assert not any(r.successful for r in res)
+        assert "node.device" in res[0].reason and "sparse.tile_size" in res[1].reason
+        assert ("parameter 'detector.score_thresholds' = [0.2, 1.5] is out of range"
+                in res[2].reason), res[2].reason
+        ok, bad = probe.set_parameters({"mask.mode": "map_prior",
+                                        "mask.map_yaml": str(tmp_path / "missing.yaml")})
+        assert ok.successful and not bad.successful
+        assert "'mask.map_yaml'" in bad.reason and "could not be read" in bad.reason
+        _, d = frame(6, odom_age=0.0)
+        assert d["mask_mode"] == "map_prior" and d["mask_fallback"] == "", d
+
+        # 5. a live latency budget below the measured latency: WARN (or ERROR, should the
+        # input time out meanwhile) naming it
+        ok, = probe.set_parameters({"node.latency_budget_ms": 0.1})
+        assert ok.successful, ok.reason
+        d = probe.wait_for_diag(lambda d: "node.latency_budget_ms = 0.1" in d["message"], 10)
+        assert d is not None and d["level"] in ("1", "2"), probe.latest()
+        assert node.alive()
+        assert node.interrupt() == 0
+    finally:
+        probe.close()
+        node.close()

@@ -1,14 +1,21 @@
-"""pipeline: one list of stages (STAGES) from the timer to the diagnostics."""
+"""pipeline: one list of stages (STAGES) from the timer to the diagnostics; the mount transform;
+live reconfiguration; warm-up; the diagnostics statistics (p50/p99 window, levels)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+import math
+from dataclasses import replace
+
 from sparse_detector_ros.bev import rasterize
-from sparse_detector_ros.config import Config
+from sparse_detector_ros.config import Config, ConfigError, TransformConfig
+from sparse_detector_ros.frames import MountTransform
+from sparse_detector_ros.masks import save_map
 from sparse_detector_ros.model import load_description
-from sparse_detector_ros.pipeline import STAGES, Pipeline, StageTimer
+from sparse_detector_ros.pipeline import (STAGES, Detector, Pipeline, StageTimer,
+                                          warm_up_points)
 from sparse_detector_ros.pointcloud import CloudError, encode
 from sparse_detector_ros.ros_io import diagnostics_msg, diagnostics_to_dict
 from sparse_detector_ros.stats import FrameStats
@@ -66,12 +73,211 @@ def test_diagnostics_report_every_stage_a_frame_timed():
     assert snap["stage_ms"]["later_stage"] == (10.5, 14.0)
     assert snap["total_ms"] == (1.5 * sum(ms.values()), 2 * sum(ms.values()))
     assert snap["latency_ms"] == (40.0, 50.0) and snap["frames_in_window"] == 2
-    d = diagnostics_to_dict(diagnostics_msg(snap, device="cpu", stamp=None, hardware_id="t"))
+    d = diagnostics_to_dict(diagnostics_msg(snap, device="cpu", stamp=None, hardware_id="t",
+                                            backend="torch"))
     for s in (*STAGES, "later_stage"):
-        assert f"{s}_ms" in d and f"{s}_ms_max" in d
+        for suffix in ("", "_max", "_p50", "_p99"):
+            assert f"{s}_ms{suffix}" in d
     assert d["later_stage_ms"] == "10.500" and d["total_ms_max"] == f"{2 * sum(ms.values()):.3f}"
-    assert d["level"] == "0"
-    # the window is cleared by a snapshot: the next report is STALE with zeros
+    assert d["later_stage_ms_p50"] == "10.500" and d["later_stage_ms_p99"] == "13.930"
+    assert d["latency_ms_p50"] == "40.000" and d["latency_ms_p99"] == "49.800"
+    assert d["level"] == "0" and d["backend"] == "torch" and d["device"] == "cpu"
+    # a snapshot clears the per-period mean/max, not the rolling p50/p99 window
     d = diagnostics_to_dict(diagnostics_msg(stats.snapshot(), device="cpu", stamp=None,
                                             hardware_id="t", previous=snap))
-    assert d["level"] == "3" and d["later_stage_ms"] == "0.000"
+    assert d["later_stage_ms"] == "0.000" and d["later_stage_ms_p50"] == "10.500"
+    assert d["frames_in_window"] == "0" and d["frames_in_stats"] == "2"
+
+
+def test_p50_p99_are_over_the_last_window_frames():
+    stats = FrameStats(STAGES, window=10)
+    for i in range(30):
+        stats.processed(1, 1, {"rasterize": float(i)}, latency_ms=float(100 + i))
+    snap = stats.snapshot()
+    assert snap["frames_in_stats"] == 10 and snap["frames_in_window"] == 30
+    assert snap["stage_ms_pct"]["rasterize"] == pytest.approx((24.5, 28.91))
+    assert snap["latency_ms_pct"] == pytest.approx((124.5, 128.91))
+    assert snap["stage_ms_pct"]["boxes"] == (0.0, 0.0)      # listed, never timed
+    with pytest.raises(ValueError, match="window"):
+        FrameStats(STAGES, window=0)
+
+
+def test_detections_per_class_are_reported():
+    stats = FrameStats(STAGES)
+    stats.processed(1, 1, {}, 1.0, detections_by_class={"car": 2, "pedestrian": 0, "cyclist": 1})
+    snap = stats.snapshot()
+    assert snap["detections"] == 3
+    d = diagnostics_to_dict(diagnostics_msg(snap, device="cpu", stamp=None, hardware_id="t"))
+    assert (d["detections"], d["detections.car"], d["detections.pedestrian"],
+            d["detections.cyclist"]) == ("3", "2", "0", "1")
+
+
+def test_diagnostic_levels_error_warn_ok():
+    now = [100.0]
+    stats = FrameStats(STAGES, clock=lambda: now[0])
+
+    def report(previous=None):
+        snap = stats.snapshot()
+        d = diagnostics_to_dict(diagnostics_msg(snap, device="cpu", stamp=None, hardware_id="t",
+                                                previous=previous, input_timeout_s=2.0,
+                                                latency_budget_ms=100.0))
+        return snap, d
+
+    now[0] += 1.5
+    snap, d = report()
+    assert d["level"] == "0" and d["message"] == "ok"          # no input yet, but not for 2 s
+    now[0] += 1.0
+    snap, d = report()
+    assert d["level"] == "2", d                                # ERROR: nothing for 2.5 s
+    assert "no point cloud received since start-up for 2.5 s" in d["message"]
+    assert "node.input_timeout_s = 2" in d["message"]
+    stats.received()
+    stats.processed(1, 1, {"rasterize": 1.0}, latency_ms=50.0)
+    snap, d = report(snap)
+    assert d["level"] == "0" and d["seconds_since_input"] == "0.0"
+    stats.received()
+    stats.processed(1, 1, {"rasterize": 1.0}, latency_ms=150.0)   # p99 of (50, 150) > 100
+    snap, d = report(snap)
+    assert d["level"] == "1" and "latency p99 149.0 ms" in d["message"], d
+    assert "node.latency_budget_ms = 100" in d["message"]
+    stats.rejected("bad_length", "data length 3 is not 4")
+    snap, d = report(snap)
+    assert d["level"] == "1" and d["message"].startswith("1 frame(s) rejected: data length")
+    now[0] += 3.0
+    snap, d = report(snap)                                     # ERROR outranks the WARN
+    assert d["level"] == "2" and d["message"].startswith("no point cloud received for 3.0 s")
+    assert "latency p99" in d["message"]
+
+
+# --------------------------------------------------------------------------- mount transform
+
+def cell_centre_points(grid, n=4000, seed=0):
+    """Points on BEV cell centres (x, y) and mid-slice heights: a transform that is exact up to
+    float rounding keeps every point in its cell."""
+    rng = np.random.default_rng(seed)
+    H, W = grid.shape
+    p = np.empty((n, 4), np.float32)
+    p[:, 0] = grid.x_min + (rng.integers(0, H, n) + 0.5) * grid.resolution
+    p[:, 1] = grid.y_min + (rng.integers(0, W, n) + 0.5) * grid.resolution
+    dz = (grid.z_max - grid.z_min) / grid.z_slices
+    p[:, 2] = grid.z_min + (rng.integers(0, grid.z_slices, n) + 0.5) * dz
+    p[:, 3] = rng.uniform(0, 255, n)
+    return p
+
+
+def test_process_moves_the_points_into_the_detection_frame(pipeline):
+    grid = pipeline.model.grid
+    det_pts = cell_centre_points(grid)
+    mount = MountTransform(translation=(1.0, -2.0, 1.5), rpy=(0.0, 0.0, math.pi / 2))
+    cloud_pts = det_pts.copy()                 # the same points seen in the sensor's frame
+    cloud_pts[:, :3] = ((det_pts[:, :3].astype(np.float64) - mount.translation)
+                        @ mount.rotation).astype(np.float32)
+    mounted = Pipeline(Config(), pipeline.model, "cpu", mount=mount)
+    mounted.detector = pipeline.detector       # same weights, no second load
+    r = mounted.process(encode(cloud_pts, "xyzi"))
+    assert torch.equal(r.bev, rasterize(det_pts, grid))
+    assert not torch.equal(pipeline.process(encode(cloud_pts, "xyzi")).bev, r.bev)
+    ref = pipeline.detector.detect(det_pts)
+    assert torch.equal(r.detections.boxes, ref.detections.boxes)   # boxes: detection frame
+    assert list(r.stage_ms) == list(STAGES)
+
+
+def test_the_mount_defaults_to_the_transform_parameters():
+    cfg = Config(transform=TransformConfig(translation=(0.5, 0.0, 1.8), rpy=(0.0, 0.1, 0.0)))
+    p = Pipeline(cfg, load_description(), "cpu")
+    assert np.allclose(p.mount.translation, (0.5, 0.0, 1.8))
+    assert np.allclose(p.mount.rotation, MountTransform(rpy=(0.0, 0.1, 0.0)).rotation)
+    assert Pipeline(Config(), load_description(), "cpu").mount.is_identity
+
+
+def test_warm_up_points_cover_the_grid_and_warm_up_runs_a_frame(pipeline):
+    g = pipeline.model.grid
+    pts = warm_up_points(g, 5000)
+    assert pts.shape == (5000, 4) and pts.dtype == np.float32
+    assert (pts[:, 0] >= g.x_min).all() and (pts[:, 0] <= g.x_max).all()
+    assert (pts[:, 1] >= g.y_min).all() and (pts[:, 1] <= g.y_max).all()
+    assert (pts[:, 2] >= g.z_min).all() and (pts[:, 2] <= g.z_max).all()
+    assert pts[:, 0].max() - pts[:, 0].min() > 0.9 * (g.x_max - g.x_min)
+    calls = []
+    real = pipeline.detector.detect
+    pipeline.detector.detect = lambda pts, *a, **k: calls.append(pts) or real(pts, *a, **k)
+    try:
+        assert pipeline.warm_up(3000) > 0
+    finally:
+        del pipeline.detector.detect
+    assert len(calls) == 1 and calls[0].shape == (3000, 4)
+
+
+# --------------------------------------------------------------------------- reconfigure
+
+@pytest.fixture
+def detector():
+    return Detector(Config(), load_description(), "cpu")
+
+
+def road_map(tmp_path, name="map.yaml"):
+    """A nav2 map that is free (road) everywhere around the origin."""
+    return str(save_map(tmp_path / name, np.full((300, 300), 254, np.uint8),
+                        origin=(-150.0, -150.0, 0.0), resolution=1.0))
+
+
+def test_reconfigure_applies_detector_values_from_the_next_frame(detector):
+    pts = points(20000, seed=3)
+    base = Config()
+    detector.reconfigure(base.updated({"detector.score_thresholds": [0.0]}))
+    many = len(detector.detect(pts).detections)
+    assert many > 5
+    detector.reconfigure(detector.config.updated({"detector.top_k": 5}))
+    assert 0 < len(detector.detect(pts).detections) <= 5
+    detector.reconfigure(detector.config.updated({"detector.score_thresholds": [1.0]}))
+    assert len(detector.detect(pts).detections) == 0
+    detector.reconfigure(detector.config.updated({"mask.mode": "dense"}))
+    r = detector.detect(pts)
+    assert r.mask_mode == "dense" and r.active_fraction == 1.0
+
+
+def test_reconfigure_loads_the_map_only_when_it_changed(detector, tmp_path):
+    path = road_map(tmp_path)
+    cfg = detector.config.updated({"mask.mode": "map_prior", "mask.map_yaml": path})
+    detector.reconfigure(cfg)
+    prior = detector.masker.map_prior
+    assert prior is not None
+    r = detector.detect(points(), pose=(0.0, 0.0, 0.0))
+    assert r.mask_mode == "map_prior" and r.mask_fallback == ""
+    detector.reconfigure(cfg.updated({"detector.nms_iou": 0.5, "mask.occupancy_dilation": 3}))
+    assert detector.masker.map_prior is prior           # same map: not read again
+    detector.reconfigure(detector.config.updated({"mask.map_margin": 4.0}))
+    assert detector.masker.map_prior is not prior and detector.masker.map_prior.margin == 4.0
+
+
+def test_reconfigure_refuses_and_keeps_the_old_config(detector, tmp_path):
+    good = detector.config.updated({"mask.mode": "map_prior", "mask.map_yaml": road_map(tmp_path)})
+    detector.reconfigure(good)
+    masker, thresholds = detector.masker, detector.thresholds
+    bad = [
+        (good.updated({"mask.map_yaml": str(tmp_path / "missing.yaml"),
+                       "detector.top_k": 7}), "'mask.map_yaml'", "could not be read"),
+        (good.updated({"detector.score_thresholds": [0.1, 0.2]}),
+         "'detector.score_thresholds'", "3 classes"),
+        (good.updated({"sparse.tile_size": 8}), "'sparse.tile_size' = 8", "start-up only"),
+        (replace(good, model=replace(good.model, path="/elsewhere")), "'model.path'",
+         "start-up only"),
+    ]
+    for cfg, *fragments in bad:
+        with pytest.raises(ConfigError) as e:
+            detector.reconfigure(cfg)
+        for f in fragments:
+            assert f in str(e.value)
+        assert detector.config == good
+        assert detector.masker is masker and detector.thresholds == thresholds
+    # node.* and transform.* are not the detector's: ignored
+    detector.reconfigure(good.updated({"node.latency_budget_ms": 5.0}))
+    assert detector.masker is masker
+
+
+def test_pipeline_reconfigure_replaces_the_mount():
+    p = Pipeline(Config(), load_description(), "cpu")
+    p.reconfigure(Config().updated({"transform.translation": [0.0, 0.0, 2.0],
+                                    "detector.top_k": 9}))
+    assert np.allclose(p.mount.translation, (0.0, 0.0, 2.0))
+    assert p.detector.config.detector.top_k == 9 and p.config.detector.top_k == 9

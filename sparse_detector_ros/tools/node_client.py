@@ -1,7 +1,8 @@
 """Drive a running ``sparse_detector_node`` from outside, over real DDS: start the installed
-executable as a subprocess, publish clouds to it and collect its /diagnostics. Used by the demo
-and the tests. Callers set ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and a ``ROS_DOMAIN_ID``
-(see :func:`local_dds_env`) before rclpy is initialised.
+executable as a subprocess, publish clouds (and odometry) to it, collect its /diagnostics and
+outputs (objects, markers, mask), change its parameters through its parameter services. Used by
+the demo and the tests. Callers set ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and a
+``ROS_DOMAIN_ID`` (see :func:`local_dds_env`) before rclpy is initialised.
 """
 from __future__ import annotations
 
@@ -103,16 +104,23 @@ def _ros_literal(value: object) -> str:
 
 
 class Probe:
-    """An rclpy node in this process that publishes PointCloud2 to ``topic`` and records every
-    ``/diagnostics`` status of the detector as a dict (``ros_io.diagnostics_to_dict``)."""
+    """An rclpy node in this process that publishes PointCloud2 to ``topic`` (and
+    nav_msgs/Odometry to ``odometry_topic``) and records every ``/diagnostics`` status of the
+    detector as a dict (``ros_io.diagnostics_to_dict``), and every message the detector
+    publishes on ``output/objects`` (:attr:`objects`; only when vision_msgs imports, else the
+    list stays empty), ``output/markers`` (:attr:`markers`) and ``output/mask``
+    (:attr:`masks`). :meth:`set_parameters` calls the detector's parameter service."""
 
-    def __init__(self, topic: str = "input/points", reliable: bool = True, name: str = "probe"):
+    def __init__(self, topic: str = "input/points", reliable: bool = True, name: str = "probe",
+                 odometry_topic: str = "input/odometry", node_name: str = "/sparse_detector"):
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
+        from nav_msgs.msg import OccupancyGrid, Odometry
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import PointCloud2
+        from visualization_msgs.msg import MarkerArray
 
-        from ..ros_io import diagnostics_to_dict
+        from ..ros_io import diagnostics_to_dict, vision_msgs_error
 
         self._rclpy = rclpy
         self.context = rclpy.Context()
@@ -121,7 +129,13 @@ class Probe:
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
                          else ReliabilityPolicy.BEST_EFFORT)
         self.pub = self.node.create_publisher(PointCloud2, topic, qos)
+        self.odom_pub = self.node.create_publisher(Odometry, odometry_topic, qos)
         self.diagnostics: list[dict] = []
+        self.objects: list = []
+        self.markers: list = []
+        self.masks: list = []
+        self.node_name = node_name
+        self._param_client = None
 
         def on_diag(msg):
             d = diagnostics_to_dict(msg)
@@ -129,6 +143,13 @@ class Probe:
                 self.diagnostics.append(d)
 
         self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+        self.has_objects = vision_msgs_error() is None
+        if self.has_objects:
+            from vision_msgs.msg import Detection3DArray
+            self.node.create_subscription(Detection3DArray, "output/objects",
+                                          self.objects.append, 10)
+        self.node.create_subscription(MarkerArray, "output/markers", self.markers.append, 10)
+        self.node.create_subscription(OccupancyGrid, "output/mask", self.masks.append, 10)
         self.executor = rclpy.executors.SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
 
@@ -166,6 +187,60 @@ class Probe:
         check.hit = None
         self.wait_for(check, timeout)
         return check.hit
+
+    def wait_for_output(self, kind: str, stamp, timeout: float):
+        """The first message of ``kind`` (``objects``, ``markers`` or ``masks``) whose header
+        stamp equals ``stamp`` (for markers: the first marker's), waiting up to ``timeout`` s;
+        None if none came."""
+        msgs = getattr(self, kind)
+
+        def key(m):
+            h = m.markers[0].header if kind == "markers" and m.markers else \
+                getattr(m, "header", None)
+            return None if h is None else (h.stamp.sec, h.stamp.nanosec)
+
+        want = (stamp.sec, stamp.nanosec)
+        found = self.wait_for(lambda: any(key(m) == want for m in msgs), timeout)
+        return next((m for m in msgs if key(m) == want), None) if found else None
+
+    def now(self):
+        """The probe's clock as a ``builtin_interfaces/Time``."""
+        return self.node.get_clock().now().to_msg()
+
+    def publish_odometry(self, x: float, y: float, yaw: float, stamp,
+                         frame_id: str = "map", child_frame_id: str = "base_link") -> None:
+        """Publish the pose ``(x, y, yaw)`` of the detection frame in ``frame_id``."""
+        import math
+
+        from nav_msgs.msg import Odometry
+
+        msg = Odometry()
+        msg.header.frame_id, msg.header.stamp = frame_id, stamp
+        msg.child_frame_id = child_frame_id
+        msg.pose.pose.position.x, msg.pose.pose.position.y = float(x), float(y)
+        msg.pose.pose.orientation.z = math.sin(yaw / 2)
+        msg.pose.pose.orientation.w = math.cos(yaw / 2)
+        self.odom_pub.publish(msg)
+
+    def set_parameters(self, values: dict[str, object], timeout: float = 20.0) -> list:
+        """Set parameters of the detector node through its ``set_parameters`` service (one
+        result per parameter, in order: ``SetParametersResult`` with ``successful`` and
+        ``reason``). A tuple or list value is sent as a double array. Raises TimeoutError when
+        the service does not answer."""
+        from rclpy.parameter import Parameter
+        from rclpy.parameter_client import AsyncParameterClient
+
+        if self._param_client is None:
+            self._param_client = AsyncParameterClient(self.node, self.node_name)
+        if not self.wait_for(lambda: self._param_client.services_are_ready(), timeout):
+            raise TimeoutError(f"parameter services of {self.node_name} not available")
+        params = [Parameter(k, value=[float(x) for x in v] if isinstance(v, (list, tuple))
+                            else v) for k, v in values.items()]
+        future = self._param_client.set_parameters(params)
+        self.executor.spin_until_future_complete(future, timeout_sec=timeout)
+        if not future.done():
+            raise TimeoutError(f"{self.node_name}/set_parameters did not answer in {timeout} s")
+        return list(future.result().results)
 
     def publish(self, cloud, frame_id: str = "lidar", stamp=None) -> None:
         """Publish a ``pointcloud.CloudBuffer`` or a ready PointCloud2 message."""
