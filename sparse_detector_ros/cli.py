@@ -24,6 +24,11 @@ COMMANDS = {
     "eval": ("sparse_detector_ros.tools.eval_cli",
              "detection quality (KITTI R40 AP, distance AP, mask recall) on held-out synthetic "
              "scenes, per LiDAR preset and mask mode"),
+    "bag": ("sparse_detector_ros.tools.bag_cli",
+            "run the detector over a rosbag2 and write a bag with its objects, markers, mask "
+            "and diagnostics"),
+    "replay": ("sparse_detector_ros.tools.replay_cli",
+               "play a rosbag2 over ROS 2 with /clock from the bag's time (no rosbag2 needed)"),
 }
 
 
