@@ -191,21 +191,26 @@ def test_unknown_parameter_is_a_warning_and_int_stands_for_float(node_with_extra
     assert proc.interrupt() == 0
 
 
-def test_demo_command_runs_end_to_end():
+def test_demo_command_runs_end_to_end(tmp_path):
+    """README command 1: the demo streams a drive into the real node and reports detections
+    against ground truth, latency and the backbone speed-up, with pictures."""
+    import json
     import subprocess
     import sys
 
     exe = Path(sys.executable).parent / "sparse-detector"
-    out = subprocess.run([str(exe), "demo", "--frames", "5", "--lidar", "vlp16"],
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run([str(exe), "demo", "--frames", "3", "--picture-every", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    import json
-    tail = out.stdout.split("demo: final counters:")[1]
-    counters = json.loads(tail[:tail.index("}") + 1])
-    assert counters["frames_received"] == "5"
-    assert int(counters["frames_processed"]) + int(counters["frames_dropped"]) == 5
-    assert int(counters["frames_processed"]) >= 1 and counters["frames_rejected"] == "0"
-    assert "node stopped with exit code 0" in out.stdout
+    assert "demo summary" in out.stdout and "node stopped with exit code 0" in out.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["frames_sent"] == 3 and summary["frames_rejected"] == 0
+    assert 1 <= summary["frames_processed"] <= summary["frames_received"] <= 3
+    assert summary["tp"] >= 1 and 0 < summary["recall"] <= 1  # the shipped weights find objects
+    assert summary["latency_ms_p50"] > 0 and 0 < summary["active_fraction"] < 1
+    assert summary["backbone_ms_dense_p50"] > 0 and summary["backbone_speedup"] > 0
+    pictures = sorted(p.name for p in tmp_path.glob("frame_*.png"))
+    assert pictures and set(pictures) <= {"frame_000.png", "frame_002.png"}
 
 
 # --------------------------------------------------------------------------- outputs, live params
