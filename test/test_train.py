@@ -83,6 +83,30 @@ def test_tiny_model_overfits_a_few_frames_and_finds_their_boxes(tiny):
     assert total >= 2 and found >= 0.8 * total, (found, total)
 
 
+def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
+    from sparse_detector_ros.pipeline import build_modules
+    from sparse_detector_ros.train.data import collate
+    from sparse_detector_ros.train.targets import encode_batch, reg_loss
+    from sparse_detector_ros.train.train import losses
+
+    desc = load_description(tiny / "model.yaml")
+    torch.manual_seed(0)
+    modules = build_modules(desc, Config())
+    ds = CachedBEVDataset(tiny / "cache", crop=None)
+    batch = collate([ds[0], ds[1]])
+    stride = modules["net"].out_stride
+    with torch.no_grad():
+        one = losses(modules, batch, stride, 3, True, args_for(tiny, "w1"))
+        three = losses(modules, batch, stride, 3, True, args_for(tiny, "w3", rot_weight=3.0))
+        dense = torch.ones_like(batch["mask"], dtype=torch.float32)
+        head, active = modules["net"](batch["bev"], dense)
+        t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
+        rot = reg_loss(head["rot"], t["rot"], t["mask"] * active.float())
+    assert rot > 0
+    torch.testing.assert_close(three["reg"] - one["reg"], 2 * rot, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(three["heatmap"], one["heatmap"])
+
+
 def test_resume_continues_from_the_checkpoint(tiny):
     out = tiny / "resume"
     assert train_cli.run(args_for(tiny, "resume", steps=20, save_every=5, max_minutes=0)) == 0

@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dense-fraction", type=float, default=0.3,
                         help="share of dense passes (the rest uses the occupancy mask)")
     parser.add_argument("--reg-weight", type=float, default=2.0, help="weight of the L1 loss")
+    parser.add_argument("--rot-weight", type=float, default=1.0,
+                        help="weight of the heading (sin, cos) within the L1 loss")
     parser.add_argument("--mask-weight", type=float, default=1.0,
                         help="weight of the mask net's loss")
     parser.add_argument("--mask-pos-weight", type=float, default=10.0,

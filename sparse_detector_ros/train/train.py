@@ -84,7 +84,9 @@ def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, dense:
     logits = torch.where(active[:, None], head["heatmap"], torch.full_like(head["heatmap"], -30))
     out = {"heatmap": focal_loss(logits, t["heatmap"] * act[:, None])}
     reg_mask = t["mask"] * act
-    out["reg"] = sum(reg_loss(head[k], t[k], reg_mask) for k in REG_KEYS)
+    # the heading's L1 term may weigh more (--rot-weight): boxes must be tight at IoU 0.7
+    weight = {"rot": getattr(args, "rot_weight", 1.0)}
+    out["reg"] = sum(weight.get(k, 1.0) * reg_loss(head[k], t[k], reg_mask) for k in REG_KEYS)
     logits_m = mask_net(bev)
     target_m = torch.stack([net_target(b, g, mask_net.factor) for b, g in
                             zip(batch["boxes"], batch["grid"])]).to(logits_m)
