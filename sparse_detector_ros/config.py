@@ -12,9 +12,26 @@ everywhere::
 
     parameter 'sparse.tile_size' = 2 is out of range: allowed [4, 64]
 
+Every problem is reported at once: :class:`ConfigError` carries the list of problems
+(``problems``) and its message joins them, one line. An unknown name is an error everywhere
+(node, tools), with a close match suggested when there is one (``difflib``)::
+
+    2 problems: parameter 'sparse.tile_size' = 2 is out of range: allowed [4, 64]; unknown
+    parameter 'node.qos_dpeth' = 5: did you mean 'node.qos_depth'?
+
+The names every ROS 2 node accepts (:data:`ROS_NODE_PARAMS`: ``use_sim_time``,
+``start_type_description_service``, ``qos_overrides.*``) are not ours but not unknown either:
+they are left to rclpy (the two booleans are type-checked here).
+
 Parameter names are dotted (``sparse.tile_size``); in a YAML file they may be nested
 (``sparse: {tile_size: 16}``) and may sit under ``<node_name>: ros__parameters:`` as ROS
-parameter files do.
+parameter files do. A ROS parameter file is read as ROS reads it (:func:`ros_file_params`):
+only the entries whose node name matches the node (``/sparse_detector``; ``/**`` and ``*``
+wildcards, nested namespaces) apply, in file order (a later entry wins), and a list must hold
+one type (``[0, 0, 0.5]`` mixes integers and floats: rcl refuses it, so do we).
+:func:`config_from_ros_arguments` reads the ``--params-file`` and ``-p name:=value`` arguments
+of a ROS command line the same way, so that the node can report every problem in one message
+before ``rclpy.init`` (which stops at the first with an RCLError traceback).
 
 Live parameters: a spec with ``live=True`` (:data:`LIVE_PARAMS`: ``detector.*``, ``mask.*``,
 ``node.latency_budget_ms``) may be changed while the node runs (``ros2 param set``); the node
@@ -22,16 +39,66 @@ applies it between two frames. Every other parameter is set at start-up only.
 """
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 NODE_NAME = "sparse_detector"
+#: names every rclpy node may be given that are not ours (exact names, then prefixes)
+ROS_NODE_PARAMS = ("use_sim_time", "start_type_description_service")
+ROS_NODE_PARAM_PREFIXES = ("qos_overrides.",)
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value; the message names the parameter, value and allowed range."""
+    """An invalid configuration; the message names the parameter, value and allowed range.
+
+    ``problems``: every problem found, each a complete sentence (one, for a single problem);
+    the message joins them on one line (:func:`join_problems`)."""
+
+    def __init__(self, message: str = "", problems: Sequence[str] | None = None):
+        problems = [p for p in (problems or ()) if p] or [message]
+        super().__init__(message or join_problems(problems))
+        self.problems: list[str] = list(problems)
+
+
+def join_problems(problems: Sequence[str]) -> str:
+    """One line: the problem itself, or ``"<n> problems: a; b; c"``."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems: " + "; ".join(problems)
+
+
+def suggest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to ``name`` (a typo, a missing or wrong section), or None."""
+    known = list(known)
+    section = next((k for k in known if k.startswith(name + ".")), None)   # a section alone
+    if section is not None:
+        return section
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    if match:
+        return match[0]
+    tails: dict[str, str] = {}            # the name without its section, or in another one
+    for k in known:
+        tails.setdefault(k.rsplit(".", 1)[-1], k)
+    match = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.7)
+    return tails[match[0]] if match else None
+
+
+def unknown_parameter(name: str, value: Any, known: Iterable[str]) -> str:
+    """The message for an unknown parameter name: a suggestion, else the known names."""
+    known = list(known)
+    close = suggest(name, known)
+    hint = (f"did you mean '{close}'?" if close is not None
+            else "known parameters are " + ", ".join(known))
+    return f"unknown parameter '{name}' = {value!r}: {hint}"
+
+
+def is_ros_node_param(name: str) -> bool:
+    """True for the parameters every rclpy node accepts (:data:`ROS_NODE_PARAMS`)."""
+    return name in ROS_NODE_PARAMS or name.startswith(ROS_NODE_PARAM_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -159,6 +226,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               "-1: every free cell of the nav2 map", -1, 255, live=True),
     ParamSpec("mask.map_fallback", "occupancy", "mask used while the map prior has no map or no "
               "pose", choices=("dense", "occupancy"), live=True),
+    ParamSpec("mask.map_required", True, "a mask.map_yaml that cannot be read (missing, corrupt) "
+              "stops start-up (and a live change to it is refused); false: the map prior gives "
+              "way to mask.map_fallback, reported in diagnostics (WARN, mask_fallback)",
+              live=True),
     ParamSpec("mask.occupancy_min_points", 2, "points above the local ground a cell needs to be "
               "active", 1, 10000, live=True),
     ParamSpec("mask.occupancy_min_height", 0.25, "height above the local ground from which a point "
@@ -198,6 +269,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               "(cloud stamp to boxes) exceeds this [ms]", 0.1, 1e6, live=True),
     ParamSpec("node.input_timeout_s", 2.0, "diagnostics turn ERROR when no cloud arrived on "
               "input/points for this long [s]", 0.01, 3600.0),
+    ParamSpec("node.max_stamp_skew_s", 5.0, "a cloud stamped further than this from the node's "
+              "clock (sim time included) is a clock problem: processed, but counted "
+              "(frames_clock_skew, WARN) and kept out of the latency statistics [s]", 0.001,
+              1e6),
     ParamSpec("node.odometry_timeout_s", 0.5, "input/odometry further than this from the "
               "cloud's stamp (or none) means no pose: the map prior gives way to "
               "mask.map_fallback [s]", 0.0, 3600.0),
@@ -221,15 +296,21 @@ def _default(name: str) -> Any:
 
 def _check_values(specs: Mapping[str, ParamSpec], values: Mapping[str, Any], section: str
                   ) -> dict[str, Any]:
-    """``{"<section>.key": value}`` -> ``{"key": checked value}``; ConfigError for an unknown name
-    (listing the known ones), a wrong type or a value out of range."""
+    """``{"<section>.key": value}`` -> ``{"key": checked value}``; one ConfigError listing every
+    unknown name (with a suggestion), wrong type and value out of range."""
     out: dict[str, Any] = {}
+    problems: list[str] = []
     for name, value in values.items():
         spec = specs.get(name)
         if spec is None or not name.startswith(section + "."):
-            raise ConfigError(f"unknown parameter '{name}' = {value!r}: known parameters are "
-                              + ", ".join(specs))
-        out[name[len(section) + 1:]] = spec.check(value)
+            problems.append(unknown_parameter(name, value, specs))
+            continue
+        try:
+            out[name[len(section) + 1:]] = spec.check(value)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems=problems)
     return out
 
 
@@ -317,6 +398,7 @@ class MaskConfig:
     map_margin: float = _default("mask.map_margin")
     map_road_min_value: int = _default("mask.map_road_min_value")
     map_fallback: str = _default("mask.map_fallback")
+    map_required: bool = _default("mask.map_required")
     occupancy_min_points: int = _default("mask.occupancy_min_points")
     occupancy_min_height: float = _default("mask.occupancy_min_height")
     occupancy_ground_cell: float = _default("mask.occupancy_ground_cell")
@@ -360,6 +442,7 @@ class NodeConfig:
     log_throttle_sec: float = _default("node.log_throttle_sec")
     latency_budget_ms: float = _default("node.latency_budget_ms")
     input_timeout_s: float = _default("node.input_timeout_s")
+    max_stamp_skew_s: float = _default("node.max_stamp_skew_s")
     odometry_timeout_s: float = _default("node.odometry_timeout_s")
     stats_window: int = _default("node.stats_window")
     publish_markers: bool = _default("node.publish_markers")
@@ -385,28 +468,57 @@ class Config:
     def from_flat(cls, values: Mapping[str, Any]) -> "Config":
         """Build from dotted names (``{"sparse.tile_size": 8}``); unset names keep defaults.
 
-        Raises :class:`ConfigError` for an unknown name, a wrong type or a value out of range,
-        and for a grid parameter (``grid.*``), which belongs to the model description.
+        Raises one :class:`ConfigError` listing every problem: an unknown name (with a close
+        match suggested), a wrong type, a value out of range, a grid parameter (``grid.*``,
+        which belongs to the model description). The parameters of every ROS node
+        (:func:`is_ros_node_param`) are accepted and left out.
         """
+        problems: list[str] = []
         sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
         for name, value in values.items():
             if name in GRID_SPECS:
-                raise ConfigError(grid_is_model_property(name, value))
-            sections.setdefault(name.split(".", 1)[0], {})[name] = value
-        return cls(**{s: _SECTIONS[s](**_check_values(SPECS, kv, s)) if s in _SECTIONS
-                      else _check_values(SPECS, kv, s) for s, kv in sections.items()})
+                problems.append(grid_is_model_property(name, value))
+            elif is_ros_node_param(name):
+                if name in ROS_NODE_PARAMS and not isinstance(value, bool):
+                    problems.append(f"parameter '{name}' = {value!r} has the wrong type: "
+                                    "expected bool, allowed any bool")
+            elif name in SPECS:
+                sections[name.split(".", 1)[0]][name] = value
+            else:
+                problems.append(unknown_parameter(name, value, SPECS))
+        checked: dict[str, Any] = {}
+        for s, kv in sections.items():
+            try:
+                checked[s] = _SECTIONS[s](**_check_values(SPECS, kv, s))
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems:
+            raise ConfigError(problems=problems)
+        return cls(**checked)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":
-        """Build from a nested or dotted dict, or a ROS parameter file's content."""
-        return cls.from_flat(flatten(unwrap_ros_params(data or {})))
+    def from_dict(cls, data: Mapping[str, Any] | None, node: str = "/" + NODE_NAME,
+                  source: str = "") -> "Config":
+        """Build from a nested or dotted dict, or a ROS parameter file's content (read as ROS
+        reads it for the node ``node``, see :func:`ros_file_params`). One ConfigError lists
+        every problem."""
+        values, problems = ros_file_params(data, node, source)
+        try:
+            config = cls.from_flat(values)
+        except ConfigError as exc:
+            problems += exc.problems
+        if problems:
+            raise ConfigError(problems=problems)
+        return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Config":
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(yaml.safe_load(f))
+    def from_yaml(cls, path: str | Path, node: str = "/" + NODE_NAME) -> "Config":
+        """Read a YAML file (a ROS parameter file, or a plain nested/dotted mapping). A file
+        that cannot be read or parsed is a ConfigError naming it (and the line)."""
+        data, problem = read_yaml(path, "parameter file")
+        if problem:
+            raise ConfigError(problem)
+        return cls.from_dict(data, node, source=str(path))
 
     def to_flat(self) -> dict[str, Any]:
         out = {}
@@ -418,7 +530,7 @@ class Config:
 
     def updated(self, values: Mapping[str, Any]) -> "Config":
         """A copy with the dotted ``values`` changed, validated like :meth:`from_flat`
-        (:class:`ConfigError` naming the first bad value)."""
+        (:class:`ConfigError` naming every bad value)."""
         return Config.from_flat({**self.to_flat(), **values})
 
     def changes(self, other: "Config") -> dict[str, Any]:
@@ -461,6 +573,286 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# ----------------------------------------------------------------------------- ROS files, args
+def read_yaml(path: str | Path, what: str) -> tuple[Any, str]:
+    """``(content, "")`` of a YAML file, or ``(None, problem)`` naming the file (and the line
+    of a syntax error)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return None, f"{what} '{path}' cannot be read: {why}"
+    try:
+        return yaml.safe_load(text), ""
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return None, f"{what} '{path}' is not valid YAML{where}: {problem}"
+
+
+_NODE_KEY_TOKEN = re.compile(r"\*\*|\*|[A-Za-z0-9_]+")
+
+
+def node_key_problem(key: str) -> str:
+    """Why rcl refuses ``key`` as a parameter file's node name ("" when it takes it): every
+    ``/``-separated part is ``**``, ``*`` or alphanumerics and ``_``."""
+    tokens = key.strip("/").split("/")
+    if all(_NODE_KEY_TOKEN.fullmatch(t) for t in tokens):
+        return ""
+    return (f"node name '{key}' must not contain characters other than alphanumerics or '_' "
+            "(or be * or ** between slashes)")
+
+
+def node_name_pattern(key: str) -> re.Pattern:
+    """The node names a parameter file's node key applies to, as rcl matches them: a key
+    without a leading ``/`` is absolute all the same, ``/**`` stands for any number of
+    namespace levels (none included), ``/*`` for exactly one name."""
+    key = key if key.startswith("/") else "/" + key
+    out = []
+    for token in key.strip("/").split("/") if key != "/" else []:
+        out.append(r"(?:/[^/]+)*" if token == "**" else
+                   "/[^/]+" if token == "*" else "/" + re.escape(token))
+    return re.compile("".join(out))
+
+
+def node_matches(key: str, node: str) -> bool:
+    """Whether the parameter file node key ``key`` applies to the node ``node`` (its fully
+    qualified name, ``/namespace/name``)."""
+    return node_name_pattern(key).fullmatch(node) is not None
+
+
+def ros_value_problem(name: str, value: Any) -> str:
+    """Why rcl would refuse ``value`` of parameter ``name`` from a parameter file or a ``-p``
+    argument ("" when it takes it): no value, a mapping inside a list, or a list mixing types
+    (rcl wants one type: ``[0.0, 0.5]``, not ``[0, 0.5]``)."""
+    if value is None:
+        return f"parameter '{name}' has no value"
+    if isinstance(value, list):
+        kinds = {"bool" if isinstance(v, bool) else "integer" if isinstance(v, int)
+                 else "float" if isinstance(v, float) else "string" if isinstance(v, str)
+                 else "other" for v in value}
+        if "other" in kinds:
+            return (f"parameter '{name}' = {value!r}: a list may hold only numbers, booleans or "
+                    "strings")
+        if len(kinds) > 1:
+            hint = (" (write every number with a decimal point, e.g. 0.0)"
+                    if kinds == {"integer", "float"} else "")
+            return (f"parameter '{name}' = {value!r} mixes {' and '.join(sorted(kinds))} "
+                    f"values: a ROS parameter list holds one type{hint}")
+    return ""
+
+
+def _ros_entries(data: Mapping[str, Any], prefix: str, problems: list[str], where: str
+                 ) -> list[tuple[str, Mapping[str, Any]]]:
+    """``[(node key, parameters)]`` of a ROS parameter file, in file order (nested namespace
+    keys joined with ``/``)."""
+    out = []
+    for key, value in data.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if key == "ros__parameters":
+            if not prefix:
+                out.append(("/**", value))         # a bare block: for any node
+            elif value is None:
+                problems.append(f"{where}node '{prefix}': ros__parameters is empty (rcl refuses "
+                                "that: give it '{}' or remove the entry)")
+            elif not isinstance(value, Mapping):
+                problems.append(f"{where}node '{prefix}': ros__parameters must be a mapping of "
+                                f"parameters, got {value!r}")
+            elif node_key_problem(prefix):
+                problems.append(where + node_key_problem(prefix))
+            else:
+                out.append((prefix, value))
+        elif isinstance(value, Mapping):
+            out += _ros_entries(value, name, problems, where)
+        else:
+            problems.append(f"{where}'{name}' = {value!r} is not under a "
+                            "'<node>: ros__parameters:' block")
+    return out
+
+
+def is_ros_file(data: Any) -> bool:
+    """Whether ``data`` is a ROS parameter file's content (has a ``ros__parameters`` key at
+    some depth of its first mappings)."""
+    if not isinstance(data, Mapping):
+        return False
+    return "ros__parameters" in data or any(is_ros_file(v) for v in data.values())
+
+
+def ros_file_entries(data: Any, source: str = "", ros_only: bool = False
+                     ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """``([(node key, dotted values)], problems)`` of a parameter file's content, in file order,
+    every node key absolute (``sparse_detector`` -> ``/sparse_detector``).
+
+    A ROS parameter file (:func:`is_ros_file`, or any content with ``ros_only``: a file given
+    to ``--params-file``) is checked as rcl checks it, every entry included (rcl refuses the
+    whole file): every value must be one rcl takes (:func:`ros_value_problem`), and nothing may
+    sit outside a ``<node>: ros__parameters:`` block. Anything else (None, a plain nested or
+    dotted mapping) is one entry for every node (``/**``)."""
+    where = f"parameter file '{source}': " if source else ""
+    if data is None:
+        return [], []
+    if not isinstance(data, Mapping):
+        return [], [f"{where}expected a mapping of parameters, got {type(data).__name__}"]
+    if not ros_only and not is_ros_file(data):
+        return [("/**", flatten(data))], []
+    problems: list[str] = []
+    entries = []
+    for key, params in _ros_entries(data, "", problems, where):
+        values = {}
+        for name, value in flatten(params or {}).items():
+            problem = ros_value_problem(name, value)
+            if problem:
+                problems.append(where + problem)
+            else:
+                values[name] = value
+        entries.append((key if key.startswith("/") else "/" + key, values))
+    return entries, problems
+
+
+def merge_entries(merged: dict[str, dict[str, Any]],
+                  entries: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+    """Add ``entries`` to ``merged`` as rcl does: one slot per node key, in the order the keys
+    first appear (over every file and ``-p``), a later value of the same key overwriting."""
+    for key, values in entries:
+        merged.setdefault(key, {}).update(values)
+
+
+def values_for_node(merged: Mapping[str, Mapping[str, Any]], node: str) -> dict[str, Any]:
+    """The values of ``merged`` (:func:`merge_entries`) for the node ``node``: the slots whose
+    key matches it, applied in slot order (as rclpy does)."""
+    out: dict[str, Any] = {}
+    for key, values in merged.items():
+        if node_matches(key, node):
+            out.update(values)
+    return out
+
+
+def ros_file_params(data: Any, node: str = "/" + NODE_NAME, source: str = "",
+                    ros_only: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """``(dotted values, problems)`` of a parameter file's content for the node ``node``: the
+    entries of :func:`ros_file_entries` whose key matches ``node`` (:func:`node_matches`),
+    merged as rcl merges them (:func:`merge_entries`)."""
+    entries, problems = ros_file_entries(data, source, ros_only)
+    merged: dict[str, dict[str, Any]] = {}
+    merge_entries(merged, entries)
+    return values_for_node(merged, node), problems
+
+
+@dataclass
+class RosArguments:
+    """The parts of a ROS command line (``--ros-args ... [--]``) that set parameters:
+    ``steps`` in command-line order, each ``("file", path)`` or ``("param", "[node:]name",
+    value text)``; the node's name and namespace after ``__node``/``__ns`` remapping."""
+    steps: list[tuple[str, ...]] = field(default_factory=list)
+    node_name: str = NODE_NAME
+    namespace: str = "/"
+
+    @property
+    def node(self) -> str:
+        """The node's fully qualified name."""
+        return self.namespace.rstrip("/") + "/" + self.node_name
+
+
+# rcl options that take a value (besides -r/-p/--params-file, handled below)
+_ROS_VALUE_OPTIONS = ("-e", "--enclave", "--log-level", "--log-file-name", "--log-config-file")
+
+
+def parse_ros_arguments(args: Sequence[str], node_name: str = NODE_NAME) -> RosArguments:
+    """The parameter files, ``-p`` overrides and node name/namespace remaps of ``args`` (a
+    command line; only its ``--ros-args`` sections count, each up to ``--``)."""
+    out = RosArguments(node_name=node_name)
+    inside, i = False, 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if a == "--ros-args":
+            inside = True
+        elif not inside:
+            pass
+        elif a == "--":
+            inside = False
+        elif a == "--params-file" and nxt is not None:
+            out.steps.append(("file", nxt))
+            i += 1
+        elif a in ("-p", "--param") and nxt is not None:
+            rule, _, value = nxt.partition(":=")
+            out.steps.append(("param", rule, value))
+            i += 1
+        elif a in ("-r", "--remap") and nxt is not None:
+            rule, _, value = nxt.partition(":=")
+            target, _, what = rule.rpartition(":")
+            if not target or target == node_name:
+                if what in ("__node", "__name"):
+                    out.node_name = value
+                elif what == "__ns":
+                    out.namespace = value if value.startswith("/") else "/" + value
+            i += 1
+        elif a in _ROS_VALUE_OPTIONS:
+            i += 1
+        i += 1
+    return out
+
+
+def config_from_ros_arguments(args: Sequence[str], node_name: str = NODE_NAME
+                              ) -> tuple[Config, list[str]]:
+    """The :class:`Config` a node named ``node_name`` gets from the ``--params-file`` and
+    ``-p`` arguments of ``args`` as ROS applies them, and notes worth a warning (a file with no
+    entry for the node). Like rcl, the values are kept in one slot per node key (``/**`` for a
+    plain ``-p name:=value``; ``-p node:name:=value`` for one node), in the order the keys first
+    appear on the command line, a later value of the same key overwriting
+    (:func:`merge_entries`); the node then takes the slots that match it, in that order.
+
+    Raises one :class:`ConfigError` listing every problem: a file that cannot be read or is
+    not valid YAML, a value rcl would refuse (no value, a list of mixed types), and every
+    problem of :meth:`Config.from_flat` (unknown names with suggestions, types, ranges)."""
+    import yaml
+
+    ros = parse_ros_arguments(args, node_name)
+    node = ros.node
+    problems: list[str] = []
+    notes: list[str] = []
+    merged: dict[str, dict[str, Any]] = {}
+    for step in ros.steps:
+        if step[0] == "file":
+            data, problem = read_yaml(step[1], "parameter file")
+            if problem:
+                problems.append(problem)
+                continue
+            entries, file_problems = ros_file_entries(data, step[1], ros_only=True)
+            problems += file_problems
+            if entries and not any(node_matches(k, node) for k, _ in entries):
+                notes.append(f"parameter file '{step[1]}' has no entry for node '{node}' "
+                             f"(entries: {', '.join(k for k, _ in entries)}): none of its "
+                             "values apply")
+            merge_entries(merged, entries)
+        else:
+            _, rule, text = step
+            target, _, name = rule.rpartition(":")
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError as exc:
+                problems.append(f"-p {rule}:={text}: the value is not valid YAML "
+                                f"({getattr(exc, 'problem', None) or exc})")
+                continue
+            problem = ros_value_problem(name, value)
+            if problem:
+                problems.append(f"-p {rule}:={text}: {problem}")
+                continue
+            key = ("/" + target if target and not target.startswith("/") else target) or "/**"
+            merge_entries(merged, [(key, {name: value})])
+    try:
+        config = Config.from_flat(values_for_node(merged, node))
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems=problems)
+    return config, notes
 
 
 def params_yaml() -> str:

@@ -135,42 +135,76 @@ def occupancy_from_grey(grey: np.ndarray, *, negate: bool, occupied_thresh: floa
 
 
 def load_map(yaml_path: str | Path) -> NavMap:
-    """Read a nav2 ``map_server`` pair (YAML + image) into a :class:`NavMap`."""
+    """Read a nav2 ``map_server`` pair (YAML + image) into a :class:`NavMap`.
+
+    Raises ValueError naming the file and what is wrong for anything that is not a readable
+    map: a missing or unreadable YAML or image file, YAML that does not parse, a missing key,
+    a value of the wrong type, an image that is corrupt or truncated."""
     import yaml
     from PIL import Image
 
     yaml_path = Path(yaml_path)
-    meta = yaml.safe_load(yaml_path.read_text())
+    try:
+        text = yaml_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"map file {yaml_path} cannot be read: {why}") from None
+    try:
+        meta = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"map file {yaml_path} is not valid YAML{where}: "
+                         f"{getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"map file {yaml_path} is not a YAML mapping")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"map file {yaml_path} lacks the key(s) {', '.join(missing)}: a nav2 map "
                          f"needs {', '.join(REQUIRED_KEYS)}")
-    resolution = float(meta["resolution"])
+
+    def number(key: str) -> float:
+        try:
+            return float(meta[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"map file {yaml_path}: {key} = {meta[key]!r} must be a "
+                             "number") from None
+
+    resolution = number("resolution")
     if not (math.isfinite(resolution) and resolution > 0):
         raise ValueError(f"map file {yaml_path}: resolution = {meta['resolution']!r} must be > 0")
-    origin = [float(v) for v in meta["origin"]]
+    try:
+        origin = [float(v) for v in meta["origin"]]
+    except (TypeError, ValueError):
+        origin = []
     if len(origin) == 2:
         origin.append(0.0)
-    if len(origin) != 3:
+    if len(origin) != 3 or not all(math.isfinite(v) for v in origin):
         raise ValueError(f"map file {yaml_path}: origin = {meta['origin']!r} must be [x, y, yaw]")
+    occupied_thresh, free_thresh = number("occupied_thresh"), number("free_thresh")
+    if not isinstance(meta["image"], str) or not meta["image"]:
+        raise ValueError(f"map file {yaml_path}: image = {meta['image']!r} must be a file name")
     image_path = Path(meta["image"])
     if not image_path.is_absolute():
         image_path = yaml_path.parent / image_path
     mode = str(meta.get("mode", "trinary"))
-    with Image.open(image_path) as im:
-        has_alpha = "A" in im.getbands() or "transparency" in im.info
-        if im.mode == "L" and not has_alpha:          # the common grey map: no conversion
-            grey, alpha = np.asarray(im), None
-        else:
-            rgba = np.asarray(im.convert("RGBA")).astype(np.float64)
-            alpha = rgba[..., 3] if has_alpha else None
-            # map_server averages the colour channels, and in trinary mode the opacity too
-            grey = rgba.mean(-1) if has_alpha and mode == "trinary" else rgba[..., :3].mean(-1)
+    try:
+        with Image.open(image_path) as im:
+            has_alpha = "A" in im.getbands() or "transparency" in im.info
+            if im.mode == "L" and not has_alpha:          # the common grey map: no conversion
+                grey, alpha = np.asarray(im), None
+            else:
+                rgba = np.asarray(im.convert("RGBA")).astype(np.float64)
+                alpha = rgba[..., 3] if has_alpha else None
+                # map_server averages the colour channels, and in trinary mode the opacity too
+                grey = rgba.mean(-1) if has_alpha and mode == "trinary" else rgba[..., :3].mean(-1)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"map file {yaml_path}: image {image_path} cannot be read (missing, "
+                         f"corrupt or truncated?): {why}") from None
     occ = occupancy_from_grey(grey, negate=bool(meta["negate"]),
-                              occupied_thresh=float(meta["occupied_thresh"]),
-                              free_thresh=float(meta["free_thresh"]), mode=mode, alpha=alpha)
+                              occupied_thresh=occupied_thresh,
+                              free_thresh=free_thresh, mode=mode, alpha=alpha)
     grey = grey if grey.dtype == np.uint8 else np.rint(grey).astype(np.uint8)
     return NavMap(image=raster_from_image(grey),
                   occupancy=raster_from_image(occ), origin=tuple(origin),
@@ -700,6 +734,11 @@ class ComputationMask:
     ``N`` of them, or None. The map prior needs a map and a pose for every sample; without them
     ``mask.map_fallback`` (``dense`` or ``occupancy``) stands in for it and
     :attr:`MaskResult.fallback` says why.
+
+    A ``mask.map_yaml`` that cannot be read (missing, corrupt: :func:`load_map`) is a
+    ConfigError naming it while ``mask.map_required`` is true (the default); with false the
+    map prior runs without a map, i.e. ``mask.map_fallback`` stands in and the fallback reason
+    is the read error (:attr:`map_error`).
     """
 
     def __init__(self, config: MaskConfig, grid: GridConfig, mask_net: MaskNet | None = None,
@@ -718,13 +757,19 @@ class ComputationMask:
         if mask_net is not None and mask_net.in_channels != grid.channels:
             raise ValueError(f"the MaskNet takes {mask_net.in_channels} channels but the grid "
                              f"has {grid.channels}")
+        #: why the map of mask.map_yaml could not be read ("" when it was, or was not asked)
+        self.map_error = ""
         if map_prior is None and "map_prior" in self.parts and config.map_yaml:
             try:
                 map_prior = MapPrior.from_yaml(config.map_yaml, road_min_value(config),
                                                margin=config.map_margin)
             except (OSError, ValueError) as e:
-                raise ConfigError(f"parameter 'mask.map_yaml' = {config.map_yaml!r}: the map "
-                                  f"could not be read: {e}") from e
+                message = (f"parameter 'mask.map_yaml' = {config.map_yaml!r}: the map could not "
+                           f"be read: {e}")
+                if config.map_required:
+                    raise ConfigError(message + " (set mask.map_required to false to run with "
+                                      "mask.map_fallback instead)") from e
+                self.map_error = message
         self.map_prior = map_prior
 
     def __call__(self, points, bev: torch.Tensor, pose=None) -> MaskResult:
@@ -737,7 +782,7 @@ class ComputationMask:
         parts, fallback = list(self.parts), ""
         if "map_prior" in parts:
             if self.map_prior is None:
-                fallback = "no map: parameter 'mask.map_yaml' is empty"
+                fallback = self.map_error or "no map: parameter 'mask.map_yaml' is empty"
             elif any(p is None for p in poses):
                 fallback = "no sensor pose in the map frame"
             if fallback:

@@ -36,7 +36,7 @@ from .frames import MountTransform
 from .masks import ComputationMask, MapPrior, MaskNet
 from .sparse import ops as sparse_ops
 from .model.decode import Detections, decode
-from .model.description import ModelDescription, load_checkpoint
+from .model.description import ModelDescription, ModelError, load_checkpoint
 from .model.network import SparseBEVNet, load_state
 from .pointcloud import CloudError
 from .pointcloud import decode as decode_cloud
@@ -46,13 +46,41 @@ LOGGER = logging.getLogger("sparse_detector_ros.pipeline")
 
 
 def resolve_device(requested: str) -> tuple[torch.device, str | None]:
-    """``auto | cpu | cuda`` -> (device, warning or None). A missing GPU falls back to the CPU."""
+    """``auto | cpu | cuda`` -> (device, warning or None). A missing GPU falls back to the CPU
+    (with ``cuda`` that is a fault the node reports in its diagnostics; with ``auto``, "the
+    GPU when there is one", it is the expected choice on a machine without one)."""
     if requested == "cpu":
         return torch.device("cpu"), None
     if torch.cuda.is_available():
         return torch.device("cuda"), None
     return torch.device("cpu"), (f"node.device is '{requested}' but no CUDA GPU is available: "
                                  "running on the CPU")
+
+
+def backend_fallback(backend: str, device: torch.device | str) -> str:
+    """Why the sparse backend ``backend`` (``sparse.backend``) does not run as asked on
+    ``device``: "" when it does, else the reason the torch backend stands in for the CuPy
+    kernels (``auto`` on a CUDA device whose CuPy is missing or broken: the import error, or
+    no GPU usable by CuPy). ``auto`` on the CPU means torch, which is not a fallback.
+
+    Raises :class:`ConfigError` for ``cupy`` where CuPy cannot run (an explicit request: use
+    ``auto`` to fall back to torch instead)."""
+    dev = torch.device(device)
+    if backend == "torch" or (backend == "auto" and dev.type != "cuda"):
+        return ""
+    if backend == "cupy" and dev.type != "cuda":
+        raise ConfigError(f"parameter 'sparse.backend' = 'cupy' needs a CUDA device, but the "
+                          f"detector runs on {dev}: use 'auto' (CuPy on a GPU, else torch)")
+    try:
+        sparse_ops.get_backend("cupy", dev)
+        return ""
+    except RuntimeError as exc:
+        reason = str(exc).removeprefix("backend 'cupy' is not usable: ")
+    if backend == "cupy":
+        raise ConfigError(f"parameter 'sparse.backend' = 'cupy' cannot be used: {reason}; use "
+                          "'auto' to fall back to the torch backend")
+    return (f"sparse.backend 'auto': the CuPy kernels are unavailable on {dev} ({reason}): "
+            "running the slower torch backend")
 
 
 class StageTimer:
@@ -141,7 +169,14 @@ class Detector:
                 torch.manual_seed(0)
                 modules = build_modules(model, config)
             if ckpt is not None:
-                load_state(modules, ckpt["state_dict"])
+                try:
+                    load_state(modules, ckpt["state_dict"])
+                except (ValueError, RuntimeError, TypeError, AttributeError) as exc:
+                    # the right description embedded, but tensors of another network
+                    why = " ".join(str(exc).split())
+                    why = why if len(why) <= 500 else why[:500] + " ..."
+                    raise ModelError(f"weights '{model.weights_path}' do not fit the network of "
+                                     f"model description '{model.source}': {why}") from None
                 self.trained = True
         self.modules = modules
         self.net: SparseBEVNet = modules["net"]

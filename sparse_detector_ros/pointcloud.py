@@ -7,13 +7,19 @@ Fields may come in any order and at any offset, with padding, ``point_step`` lar
 fields, organized clouds (``height > 1``) with ``row_step`` padding; intensity may be any numeric
 type (float32/float64/uint8/uint16/...) or absent (zeros). When ``x, y, z, intensity`` are four
 consecutive float32s, rows are unpadded and the buffer is aligned, the result is a zero-copy
-strided view of the message's buffer (read-only if the buffer is). Clouds with
-``is_dense = False`` have points with a NaN/Inf coordinate removed (that copies).
+strided view of the message's buffer (read-only if the buffer is). Points with a NaN/Inf
+coordinate are removed (that copies), whatever ``is_dense`` says: a driver's ``is_dense`` is a
+hint, not a guarantee, and one pass over the coordinates costs far less than the frame.
+
+The whole field table is checked, the fields the decoder does not use included: every field
+must have a known datatype and lie within ``point_step``; a table that does not describe the
+bytes is a malformed cloud whatever field is wrong.
 
 :func:`encode` builds a :class:`CloudBuffer` (a plain mirror of PointCloud2) from numpy arrays
 in one of the driver layouts of :data:`LAYOUTS`, with one structured-array copy.
 
-Malformed clouds raise :class:`CloudError` (a ``ValueError``) with a precise message.
+Malformed clouds raise :class:`CloudError` (a ``ValueError``) with a precise message and a
+``kind`` (:data:`CLOUD_ERROR_KINDS`).
 """
 from __future__ import annotations
 
@@ -32,6 +38,11 @@ DATATYPES: dict[int, np.dtype] = {
 _CODES = {dt: code for code, dt in DATATYPES.items()}
 _NAMES = {INT8: "INT8", UINT8: "UINT8", INT16: "INT16", UINT16: "UINT16", INT32: "INT32",
           UINT32: "UINT32", FLOAT32: "FLOAT32", FLOAT64: "FLOAT64"}
+
+
+#: the ``kind`` of each :class:`CloudError` :func:`decode` raises
+CLOUD_ERROR_KINDS = ("big_endian", "missing_field", "bad_datatype", "field_past_point_step",
+                     "bad_row_step", "bad_length")
 
 
 class CloudError(ValueError):
@@ -128,17 +139,27 @@ def _field_table(msg: Any) -> dict[str, Any]:
     return table
 
 
-def decode(msg: Any) -> np.ndarray:
-    """PointCloud2-like ``msg`` -> ``(N, 4)`` float32 ``[x, y, z, intensity]``.
+def check_fields(fields: Sequence[Any], point_step: int) -> None:
+    """:class:`CloudError` unless every field of the table has a known datatype
+    (``bad_datatype``) and lies within ``point_step`` (``field_past_point_step``): the unused
+    fields too, since a table that does not describe the bytes cannot be trusted for the
+    others. ``count`` 0 is taken as 1 (some drivers write it)."""
+    for f in fields:
+        if f.datatype not in DATATYPES:
+            supported = ", ".join(f"{c}={s}" for c, s in _NAMES.items())
+            raise CloudError("bad_datatype", f"field '{f.name}' has unsupported datatype "
+                             f"{f.datatype} (supported: {supported})")
+        end = int(f.offset) + DATATYPES[f.datatype].itemsize * max(1, int(f.count))
+        if f.offset < 0 or end > point_step:
+            raise CloudError("field_past_point_step",
+                             f"field '{f.name}' (offset {f.offset}, {_NAMES[f.datatype]}"
+                             f"{f' x {f.count}' if f.count > 1 else ''}) runs past point_step "
+                             f"{point_step}")
 
-    N is ``width * height`` (row-major over the organized grid), minus points with a non-finite
-    coordinate when ``msg.is_dense`` is false. Intensity is returned in the driver's own scale
-    (no normalisation) and is 0 when the cloud has no ``intensity`` field.
 
-    Raises :class:`CloudError` for big-endian data, missing x/y/z, a data length that does not
-    match ``row_step * height`` (``row_step >= width * point_step``), a field running past
-    ``point_step`` and unsupported datatypes.
-    """
+def _checked(msg: Any) -> tuple[list[Any], np.ndarray]:
+    """The structural checks of :func:`decode` (nothing of the point data is read): ``(wanted
+    fields x, y, z[, intensity], data as uint8)`` or :class:`CloudError`."""
     if msg.is_bigendian:
         raise CloudError("big_endian",
                          "big-endian point clouds are not supported (is_bigendian = true)")
@@ -151,19 +172,12 @@ def decode(msg: Any) -> np.ndarray:
         raise CloudError("missing_field", f"point cloud has no field {', '.join(missing)} "
                          f"(fields: {', '.join(table) or 'none'})")
     wanted = [table[c] for c in "xyz"] + ([table["intensity"]] if "intensity" in table else [])
-    for f in wanted:
-        if f.datatype not in DATATYPES:
-            supported = ", ".join(f"{c}={s}" for c, s in _NAMES.items())
-            raise CloudError("bad_datatype", f"field '{f.name}' has unsupported datatype "
-                             f"{f.datatype} (supported: {supported})")
-        if f.name in "xyz" and f.datatype not in (FLOAT32, FLOAT64):
+    for f in wanted[:3]:
+        if f.datatype in DATATYPES and f.datatype not in (FLOAT32, FLOAT64):
             raise CloudError("bad_datatype", f"field '{f.name}' has unsupported datatype "
                              f"{_NAMES[f.datatype]}: coordinates must be FLOAT32 or FLOAT64")
-        end = f.offset + DATATYPES[f.datatype].itemsize * max(1, f.count)
-        if f.offset < 0 or end > point_step:
-            raise CloudError("field_past_point_step",
-                             f"field '{f.name}' (offset {f.offset}, {_NAMES[f.datatype]}) "
-                             f"runs past point_step {point_step}")
+    check_fields(wanted, point_step)       # the used fields first: their message is the clearest
+    check_fields(msg.fields, point_step)
     if n > 0 and row_step < width * point_step:
         raise CloudError("bad_row_step", f"row_step {row_step} is smaller than "
                          f"width*point_step = {width}*{point_step}")
@@ -173,6 +187,33 @@ def decode(msg: Any) -> np.ndarray:
         raise CloudError("bad_length", f"data length {buf.size} does not match "
                          f"height*row_step = {height}*{row_step} = {expected} "
                          f"(width {width}, point_step {point_step})")
+    return wanted, buf
+
+
+def validate(msg: Any) -> None:
+    """Every check of :func:`decode` that does not read the points (header fields, field
+    table, lengths: microseconds, whatever the size of the cloud); :class:`CloudError` as
+    :func:`decode` raises it. The node runs it in the subscription callback, so that a
+    malformed cloud never reaches the worker thread."""
+    _checked(msg)
+
+
+def decode(msg: Any) -> np.ndarray:
+    """PointCloud2-like ``msg`` -> ``(N, 4)`` float32 ``[x, y, z, intensity]``.
+
+    N is ``width * height`` (row-major over the organized grid) minus the points with a
+    non-finite coordinate (whatever ``msg.is_dense`` says). Intensity is returned in the
+    driver's own scale (no normalisation) and is 0 when the cloud has no ``intensity`` field.
+
+    Raises :class:`CloudError` for big-endian data, missing x/y/z, integer coordinates, a data
+    length that does not match ``row_step * height`` (``row_step >= width * point_step``), and
+    any field (used or not) with an unsupported datatype or running past ``point_step``
+    (:func:`validate`).
+    """
+    wanted, buf = _checked(msg)
+    height, width = int(msg.height), int(msg.width)
+    point_step, row_step = int(msg.point_step), int(msg.row_step)
+    n = height * width
     if n == 0:
         return np.zeros((0, 4), np.float32)
 
@@ -208,15 +249,15 @@ def decode(msg: Any) -> np.ndarray:
                                              strides=(row_step, point_step))
         if inten is None:
             out[:, 3] = 0.0
-    if not msg.is_dense:
-        # x*0 is 0 for finite x and NaN for NaN/Inf: one cheap pass instead of isfinite().all(1).
-        with np.errstate(invalid="ignore"):
-            probe = out[:, 0] * 0.0
-            probe += out[:, 1] * 0.0
-            probe += out[:, 2] * 0.0
-        finite = probe == 0.0
-        if not finite.all():
-            out = np.compress(finite, out, axis=0)
+    # Always, is_dense or not (a hint from the driver, not a guarantee). x*0 is 0 for finite x
+    # and NaN for NaN/Inf: one cheap pass instead of isfinite().all(1).
+    with np.errstate(invalid="ignore"):
+        probe = out[:, 0] * 0.0
+        probe += out[:, 1] * 0.0
+        probe += out[:, 2] * 0.0
+    finite = probe == 0.0
+    if not finite.all():
+        out = np.compress(finite, out, axis=0)
     return out
 
 

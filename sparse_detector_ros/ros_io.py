@@ -46,22 +46,32 @@ def _fmt(value: float) -> str:
 def diagnostics_msg(snapshot: dict, *, device: str, stamp, hardware_id: str,
                     previous: dict | None = None, backend: str = "",
                     input_timeout_s: float | None = None,
-                    latency_budget_ms: float | None = None) -> DiagnosticArray:
+                    latency_budget_ms: float | None = None,
+                    faults: Sequence[str] = ()) -> DiagnosticArray:
     """``stats.FrameStats.snapshot()`` -> DiagnosticArray with one status, ``DIAG_NAME``.
 
-    Level (worst first):
+    Level (worst first; the message joins every problem, worst first, with "; "):
 
     * ERROR when no cloud arrived for more than ``input_timeout_s`` (``node.input_timeout_s``;
       counted from start-up before the first cloud);
-    * WARN when frames were rejected since ``previous`` (the snapshot of the last message), or
-      when the p99 latency over the stats window exceeds ``latency_budget_ms``
-      (``node.latency_budget_ms``);
-    * OK otherwise.
+    * WARN for each of: a start-up fault in ``faults`` (e.g. the CuPy backend or the GPU
+      missing: the torch backend or the CPU stands in); frames rejected since ``previous``
+      (the snapshot of the last message); frames stamped too far from the node's clock since
+      ``previous`` (``frames_clock_skew``: a clock problem, kept out of the latency statistics);
+      the p99 latency over the stats window above ``latency_budget_ms``
+      (``node.latency_budget_ms``); the last frame ran another mask than configured
+      (``mask_fallback``, e.g. the map prior without a pose or without a readable map);
+    * OK otherwise (message ``ok``).
 
-    Keys: ``backend``, ``device``, the frame counters, ``<stage>_ms``/``<stage>_ms_max`` (mean
-    and max since the last message), ``<stage>_ms_p50``/``<stage>_ms_p99`` (over the last
-    ``node.stats_window`` frames), the same for ``total_ms`` and ``latency_ms``,
-    ``detections`` (last frame) and ``detections.<class>``, ``rejected.<kind>``.
+    Keys: ``backend``, ``device``, ``faults`` (the start-up faults joined with "; ", "" when
+    none), the frame counters ``frames_received/processed/dropped/rejected``, ``frames_lost``
+    (clouds sent but never taken: in the transport or overwritten in the subscription's queue;
+    ``frames_lost_source`` says how they are counted, ``frames_lost_in_transport`` is the
+    middleware's message-lost event, see ``stats``), ``frames_clock_skew`` and
+    ``last_clock_skew_s``, ``<stage>_ms``/``<stage>_ms_max`` (mean and max since the last
+    message), ``<stage>_ms_p50``/``<stage>_ms_p99`` (over the last ``node.stats_window``
+    frames), the same for ``total_ms`` and ``latency_ms`` (the latency without the skewed
+    frames), ``detections`` (last frame) and ``detections.<class>``, ``rejected.<kind>``.
     """
     problems: list[tuple[int, str]] = []
     since = float(snapshot.get("seconds_since_input", 0.0))
@@ -70,16 +80,25 @@ def diagnostics_msg(snapshot: dict, *, device: str, stamp, hardware_id: str,
                 else "no point cloud received since start-up")
         problems.append((DiagnosticStatus.ERROR, f"{what} for {since:.1f} s "
                          f"(node.input_timeout_s = {input_timeout_s:g})"))
-    rejected_now = snapshot["frames_rejected"] - (previous or {}).get("frames_rejected", 0)
+    problems += [(DiagnosticStatus.WARN, str(f)) for f in faults if f]
+    prev = previous or {}
+    rejected_now = snapshot["frames_rejected"] - prev.get("frames_rejected", 0)
     if rejected_now > 0:
         problems.append((DiagnosticStatus.WARN, f"{rejected_now} frame(s) rejected: "
                          f"{snapshot['last_rejection']}"))
+    skewed_now = snapshot.get("frames_clock_skew", 0) - prev.get("frames_clock_skew", 0)
+    if skewed_now > 0:
+        problems.append((DiagnosticStatus.WARN, f"{skewed_now} frame(s) with a clock problem: "
+                         f"{snapshot.get('last_clock_skew', '')}"))
     p99 = snapshot.get("latency_ms_pct", (0.0, 0.0))[1]
-    if latency_budget_ms is not None and snapshot.get("frames_in_stats", 0) and \
-            p99 > latency_budget_ms:
+    frames_in_latency = snapshot.get("frames_in_latency", snapshot.get("frames_in_stats", 0))
+    if latency_budget_ms is not None and frames_in_latency and p99 > latency_budget_ms:
         problems.append((DiagnosticStatus.WARN, f"latency p99 {p99:.1f} ms over "
-                         f"{snapshot['frames_in_stats']} frames exceeds "
+                         f"{frames_in_latency} frames exceeds "
                          f"node.latency_budget_ms = {latency_budget_ms:g}"))
+    if snapshot.get("mask_fallback"):
+        problems.append((DiagnosticStatus.WARN, f"mask '{snapshot.get('mask_mode', '')}' ran "
+                         f"instead of the configured one: {snapshot['mask_fallback']}"))
     if problems:
         level = max(lvl for lvl, _ in problems)
         message = "; ".join(text for _, text in sorted(problems, key=lambda p: p[0],
@@ -89,10 +108,16 @@ def diagnostics_msg(snapshot: dict, *, device: str, stamp, hardware_id: str,
     values = [
         ("backend", backend),
         ("device", device),
+        ("faults", "; ".join(str(f) for f in faults if f)),
         ("frames_received", str(snapshot["frames_received"])),
         ("frames_processed", str(snapshot["frames_processed"])),
         ("frames_dropped", str(snapshot["frames_dropped"])),
         ("frames_rejected", str(snapshot["frames_rejected"])),
+        ("frames_lost", str(snapshot.get("frames_lost", 0))),
+        ("frames_lost_source", snapshot.get("frames_lost_source", "")),
+        ("frames_lost_in_transport", str(snapshot.get("frames_lost_in_transport", 0))),
+        ("frames_clock_skew", str(snapshot.get("frames_clock_skew", 0))),
+        ("last_clock_skew_s", f"{snapshot.get('last_clock_skew_s', 0.0):.3f}"),
         ("last_rejection_reason", snapshot["last_rejection"]),
         ("points_received", str(snapshot["points_received"])),
         ("points_kept", str(snapshot["points_kept"])),

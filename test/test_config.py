@@ -219,8 +219,10 @@ def test_dict_shapes_all_load(shape):
 
 
 def test_ros_wrapper_with_empty_parameters_is_defaults():
-    assert Config.from_dict({"sparse_detector": {"ros__parameters": None}}) == Config()
     assert Config.from_dict({"sparse_detector": {"ros__parameters": {}}}) == Config()
+    # `ros__parameters:` with nothing after it: rcl refuses the file, so do we
+    with pytest.raises(ConfigError, match="'sparse_detector': ros__parameters is empty"):
+        Config.from_dict({"sparse_detector": {"ros__parameters": None}})
 
 
 def test_flatten_and_unwrap():
@@ -340,14 +342,24 @@ def test_every_choice_accepted(p):
                        p.name.split(".")[1]) == c
 
 
-@pytest.mark.parametrize("name", ["grid.bogus", "bogus", "grid", "sparse.tile", "node.device.x",
-                                  "Grid.resolution", "model", "sparse.node.device"])
-def test_unknown_name(name):
+@pytest.mark.parametrize("name,close", [
+    ("grid.bogus", None), ("bogus", None), ("grid", None), ("sparse.tile", "sparse.tile_size"),
+    ("node.device.x", "node.device"), ("Grid.resolution", None), ("model", "model.path"),
+    ("sparse.node.device", "node.device"), ("qos_dpeth", "node.qos_depth"),
+    ("node.qos_dpeth", "node.qos_depth"), ("tile_size", "sparse.tile_size"),
+    ("mask.map_yml", "mask.map_yaml")])
+def test_unknown_name(name, close):
+    """An unknown name is an error naming it, with the close match when there is one (difflib),
+    else the list of every known name."""
     with pytest.raises(ConfigError) as e:
         Config.from_flat({name: 0.25})
-    text = assert_config_error(e, f"'{name}'", "0.25", "unknown parameter")
-    for p in PARAMS:  # the allowed names
-        assert p.name in text
+    text = assert_config_error(e, f"unknown parameter '{name}' = 0.25: ")
+    if close is not None:
+        assert text.endswith(f"did you mean '{close}'?"), text
+    else:
+        assert "did you mean" not in text
+        for p in PARAMS:  # the allowed names
+            assert p.name in text
 
 
 def test_unknown_name_in_nested_dict_is_dotted():
@@ -523,3 +535,258 @@ def test_updated_validates_and_changes_lists_the_differences():
     assert_config_error(e, "'detector.nms_iou' = 2.0 is out of range")
     msg = start_up_only("node.device")
     assert "'node.device' is set at start-up only" in msg and "detector.top_k" in msg
+
+
+# --------------------------------------------------------------------------- every problem at once
+
+def test_every_problem_is_reported_in_one_error():
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"sparse.tile_size": 2, "node.qos_dpeth": 5, "grid.resolution": 0.1,
+                          "mask.mode": "bogus", "node.qos_depth": 0})
+    err = e.value
+    assert len(err.problems) == 5, err.problems
+    text = str(err)
+    assert text.startswith("5 problems: ") and "\n" not in text
+    for fragment in ("'sparse.tile_size' = 2 is out of range",
+                     "unknown parameter 'node.qos_dpeth' = 5: did you mean 'node.qos_depth'?",
+                     "'grid.resolution' = 0.1 is not a runtime parameter",
+                     "'mask.mode' = 'bogus' is not allowed",
+                     "'node.qos_depth' = 0 is out of range"):
+        assert fragment in text
+    # one problem: the message is the problem itself (the documented format)
+    with pytest.raises(ConfigError) as e:
+        Config.from_flat({"sparse.tile_size": 2})
+    assert e.value.problems == [str(e.value)]
+
+
+def test_ros_node_parameters_are_accepted_and_checked():
+    cfg = Config.from_flat({"use_sim_time": True, "start_type_description_service": False,
+                            "qos_overrides./input/points.subscription.depth": 3})
+    assert cfg == Config()
+    with pytest.raises(ConfigError, match="'use_sim_time' = 1 has the wrong type: expected bool"):
+        Config.from_flat({"use_sim_time": 1})
+
+
+def test_from_yaml_unreadable_or_unparseable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"parameter file '.*nothere.yaml' cannot be read: No "
+                                          "such file"):
+        Config.from_yaml(tmp_path / "nothere.yaml")
+    f = tmp_path / "broken.yaml"
+    f.write_text("sparse_detector:\n  ros__parameters:\n    sparse: {tile_size: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(f)
+    assert_config_error(e, f"parameter file '{f}' is not valid YAML (line 4, column 1)")
+
+
+def test_from_yaml_unknown_key_suggests_and_lists_all_problems(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("sparse_detector:\n  ros__parameters:\n    node:\n      qos_dpeth: 5\n"
+                 "    sparse:\n      tile_size: 3\n")
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(f)
+    assert e.value.problems == [
+        "unknown parameter 'node.qos_dpeth' = 5: did you mean 'node.qos_depth'?",
+        "parameter 'sparse.tile_size' = 3 is out of range: allowed [4, 64]"]
+
+
+def test_ros_file_lists_must_hold_one_type_as_rcl_wants():
+    ros = {"sparse_detector": {"ros__parameters": {"transform": {"translation": [0, 0, 0.5]}}}}
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(ros)
+    assert_config_error(e, "'transform.translation' = [0, 0, 0.5] mixes float and integer",
+                        "decimal point")
+    # a plain (non-ROS) dict of the tools takes integers for floats
+    assert Config.from_dict({"transform": {"translation": [0, 0, 0.5]}}).transform.translation \
+        == (0.0, 0.0, 0.5)
+    ros["sparse_detector"]["ros__parameters"]["transform"]["translation"] = [0.0, 0.0, 0.5]
+    assert Config.from_dict(ros).transform.translation == (0.0, 0.0, 0.5)
+
+
+@pytest.mark.parametrize("key,fqn,applies", [
+    ("sparse_detector", "/sparse_detector", True), ("/sparse_detector", "/sparse_detector", True),
+    ("/**", "/sparse_detector", True), ("/**", "/a/b/sparse_detector", True),
+    ("/**/sparse_detector", "/sparse_detector", True),
+    ("/**/sparse_detector", "/ns/sparse_detector", True),
+    ("/*/sparse_detector", "/ns/sparse_detector", True),
+    ("/*/sparse_detector", "/sparse_detector", False),
+    ("/robot/*", "/robot/sparse_detector", True), ("robot/**", "/robot/sparse_detector", True),
+    ("/**/robot/*", "/robot/sparse_detector", True), ("/robot/*", "/sparse_detector", False),
+    ("ns/sparse_detector", "/ns/sparse_detector", True),
+    ("sparse_detector", "/ns/sparse_detector", False), ("other_node", "/sparse_detector", False),
+    ("/sparse_detector.x", "/sparse_detectorAx", False),
+])
+def test_node_keys_match_as_in_rcl(key, fqn, applies):
+    from sparse_detector_ros.config import node_matches
+
+    assert node_matches(key, fqn) is applies
+
+
+def test_only_the_entries_for_this_node_apply_later_ones_win():
+    data = {"/**": {"ros__parameters": {"sparse": {"tile_size": 8}, "node.qos_depth": 7}},
+            "other_node": {"ros__parameters": {"sparse": {"tile_size": 32}, "bogus": 1}},
+            "sparse_detector": {"ros__parameters": {"sparse": {"tile_size": 16, "pooling": "avg"}}},
+            "robot": {"sparse_detector": {"ros__parameters": {"sparse": {"tile_size": 4}}}}}
+    cfg = Config.from_dict(data)
+    # other_node (and its unknown 'bogus') is not ours; /robot/sparse_detector is another node
+    assert (cfg.sparse.tile_size, cfg.sparse.pooling, cfg.node.qos_depth) == (16, "avg", 7)
+    assert Config.from_dict(data, node="/robot/sparse_detector").sparse.tile_size == 4
+    assert Config.from_dict(data, node="/robot/sparse_detector").sparse.pooling == "max"
+    with pytest.raises(ConfigError, match="'bogus' = 1: known parameters"):
+        Config.from_dict(data, node="/other_node")
+    with pytest.raises(ConfigError, match=r"'top_level_value' = 3 is not under a '<node>: "
+                                          "ros__parameters:' block"):
+        Config.from_dict({"top_level_value": 3, "sparse_detector": {"ros__parameters": {}}})
+
+
+# --------------------------------------------------------------------------- ROS command line
+
+def test_parse_ros_arguments_reads_only_the_ros_args_sections():
+    from sparse_detector_ros.config import parse_ros_arguments
+
+    ros = parse_ros_arguments([
+        "prog", "-p", "not:=ours", "--ros-args", "--log-level", "debug", "--params-file", "a.yaml",
+        "-p", "sparse.tile_size:=8", "-r", "__ns:=/robot", "--", "--params-file", "b.yaml",
+        "--ros-args", "--remap", "sparse_detector:__node:=det", "--param", "x:=1",
+        "-r", "other:__node:=nope", "-e", "/enclave"])
+    assert ros.steps == [("file", "a.yaml"), ("param", "sparse.tile_size", "8"),
+                         ("param", "x", "1")]
+    assert (ros.node_name, ros.namespace, ros.node) == ("det", "/robot", "/robot/det")
+
+
+def _params_file(tmp_path, name, text):
+    f = tmp_path / name
+    f.write_text(text, encoding="utf-8")
+    return str(f)
+
+
+def test_config_from_ros_arguments_applies_files_and_overrides_in_order(tmp_path):
+    from sparse_detector_ros.config import config_from_ros_arguments
+
+    a = _params_file(tmp_path, "a.yaml", "/**:\n  ros__parameters:\n    sparse:\n"
+                     "      tile_size: 8\n      pooling: avg\n")
+    b = _params_file(tmp_path, "b.yaml", "sparse_detector:\n  ros__parameters:\n"
+                     "    sparse.tile_size: 32\n    use_sim_time: true\n")
+    cfg, notes = config_from_ros_arguments(["p", "--ros-args", "--params-file", a, "-p",
+                                            "sparse.tile_size:=4", "--params-file", b])
+    assert (cfg.sparse.tile_size, cfg.sparse.pooling, notes) == (32, "avg", [])
+    cfg, _ = config_from_ros_arguments(["p", "--ros-args", "--params-file", b,
+                                        "-p", "sparse.tile_size:=4",
+                                        "-p", "other_node:sparse.tile_size:=64",
+                                        "-p", "sparse_detector:sparse.pooling:=avg"])
+    assert (cfg.sparse.tile_size, cfg.sparse.pooling) == (4, "avg")
+    # a file with no entry for this node (here: after a namespace remap) is noted
+    cfg, notes = config_from_ros_arguments(["p", "--ros-args", "--params-file", b,
+                                            "-r", "__ns:=/robot"])
+    assert cfg.sparse.tile_size == 16
+    assert notes == [f"parameter file '{b}' has no entry for node '/robot/sparse_detector' "
+                     "(entries: /sparse_detector): none of its values apply"]
+
+
+def test_config_from_ros_arguments_reports_every_problem_at_once(tmp_path):
+    from sparse_detector_ros.config import config_from_ros_arguments
+
+    broken = _params_file(tmp_path, "broken.yaml", "sparse_detector:\n  ros__parameters:\n"
+                          "    sparse: {tile_size: 8\n")
+    mixed = _params_file(tmp_path, "mixed.yaml", "sparse_detector:\n  ros__parameters:\n"
+                         "    transform:\n      rpy: [0, 0, 0.5]\n    node:\n      qos_dpeth: 5\n"
+                         "    mask:\n      map_yaml:\n")
+    with pytest.raises(ConfigError) as e:
+        config_from_ros_arguments(["p", "--ros-args", "--params-file", broken,
+                                   "--params-file", str(tmp_path / "missing.yaml"),
+                                   "--params-file", mixed, "-p", "sparse.tile_size:=2",
+                                   "-p", "detector.top_k:=[1, a]", "-p", "grid.resolution:=0.1"])
+    problems = e.value.problems
+    expected = [f"parameter file '{broken}' is not valid YAML",
+                f"parameter file '{tmp_path / 'missing.yaml'}' cannot be read",
+                "'transform.rpy' = [0, 0, 0.5] mixes float and integer values",
+                "'mask.map_yaml' has no value",
+                "-p detector.top_k:=[1, a]: parameter 'detector.top_k' = [1, 'a'] mixes",
+                "unknown parameter 'node.qos_dpeth' = 5: did you mean 'node.qos_depth'?",
+                "'sparse.tile_size' = 2 is out of range",
+                "'grid.resolution' = 0.1 is not a runtime parameter"]
+    assert len(problems) == len(expected), problems
+    for fragment in expected:
+        assert any(fragment in p for p in problems), (fragment, problems)
+
+
+@pytest.mark.parametrize("text", [
+    "n:\n  ros__parameters:\n    a: [1, 2.5]\n", "n:\n  ros__parameters:\n    a: [1, 'x']\n",
+    "n:\n  ros__parameters:\n    a:\n", "n:\n  ros__parameters:\n    a: [1, 2\n",
+    "sparse_*:\n  ros__parameters:\n    a: 1\n", "a-b:\n  ros__parameters:\n    a: 1\n",
+    "a.b:\n  ros__parameters:\n    a: 1\n",
+    "n:\n  a: 1\n", "a: 1\n", "n:\n  ros__parameters:\n",
+    # accepted by both
+    "n:\n  ros__parameters:\n    a: []\n", "/**:\n  ros__parameters:\n    a.b: 1\n",
+    "ns:\n  n:\n    ros__parameters:\n      a: [true, false]\n", "",
+])
+def test_ros_file_problems_are_the_ones_rcl_refuses(tmp_path, text):
+    """Our reading of a parameter file refuses exactly what rclpy.init refuses (an RCLError),
+    so that the node can report it in one message before rclpy.init."""
+    import rclpy
+    from rclpy.impl.implementation_singleton import rclpy_implementation
+
+    from sparse_detector_ros.config import read_yaml, ros_file_params
+
+    f = _params_file(tmp_path, "p.yaml", text)
+    data, problem = read_yaml(f, "parameter file")
+    ours = bool(problem) or bool(ros_file_params(data, "/n", f, ros_only=True)[1])
+    ctx = rclpy.Context()
+    try:
+        rclpy.init(args=["p", "--ros-args", "--params-file", f], context=ctx)
+        refused = False
+        rclpy.shutdown(context=ctx)
+    except rclpy_implementation.RCLError:
+        refused = True
+    assert ours == refused
+
+
+ORDER_CASES = [  # (files and -p in order, expected value of 'sparse.tile_size')
+    ([("f", "/**", 8), ("f", "sparse_detector", 32)], 32),
+    ([("f", "sparse_detector", 32), ("f", "/**", 8)], 8),
+    # one slot per node key, in first-appearance order: a later /** does not beat the node's
+    ([("f", "/**", 8), ("f", "sparse_detector", 32), ("f", "/**", 4)], 32),
+    ([("f", "sparse_detector", 32), ("p", "", 4)], 4),
+    ([("p", "", 4), ("f", "sparse_detector", 32)], 32),
+    ([("p", "", 4), ("f", "/**", 8)], 8),
+    ([("p", "sparse_detector", 32), ("p", "", 4)], 4),
+    ([("p", "", 4), ("p", "sparse_detector", 32)], 32),
+]
+
+
+def _order_args(tmp_path, steps):
+    args = ["p", "--ros-args"]
+    for i, (kind, key, value) in enumerate(steps):
+        if kind == "f":
+            args += ["--params-file", _params_file(
+                tmp_path, f"o{i}.yaml", f"{key}:\n  ros__parameters:\n    sparse:\n"
+                f"      tile_size: {value}\n")]
+        else:
+            args += ["-p", f"{key + ':' if key else ''}sparse.tile_size:={value}"]
+    return args
+
+
+@pytest.mark.parametrize("steps,expected", ORDER_CASES)
+def test_files_and_overrides_merge_as_rcl_merges_them(tmp_path, steps, expected):
+    from sparse_detector_ros.config import config_from_ros_arguments
+
+    cfg, _ = config_from_ros_arguments(_order_args(tmp_path, steps))
+    assert cfg.sparse.tile_size == expected
+
+
+@pytest.mark.ros
+def test_merge_order_is_the_one_rclpy_gives_a_node(tmp_path):
+    """The expectations above are what rclpy itself gives a node (checked in-process: one
+    node per case, DDS on loopback)."""
+    import rclpy
+    from rclpy.node import Node
+
+    for steps, expected in ORDER_CASES:
+        ctx = rclpy.Context()
+        rclpy.init(args=_order_args(tmp_path, steps), context=ctx)
+        try:
+            node = Node(NODE_NAME, context=ctx,
+                        automatically_declare_parameters_from_overrides=True)
+            assert node.get_parameter("sparse.tile_size").value == expected, steps
+            node.destroy_node()
+        finally:
+            rclpy.shutdown(context=ctx)

@@ -791,3 +791,52 @@ def test_map_prior_keeps_the_centres_of_sim_objects(sim_frames):
         x, y, _, yaw = frame.ego_pose
         road.append((MapPrior.from_yaml(path, 250, margin=4.0)((x, y, yaw), DEFAULT), frame))
     assert centre_recall(road) >= 0.99
+
+
+# --------------------------------------------------------------------------- unreadable maps
+
+def _broken_maps(tmp_path):
+    """(yaml path, fragment of the error) for each way a map file can be broken."""
+    good = write_map(tmp_path, [[254] * 8] * 8, (0, 0), 1.0, name="good")
+    png = (tmp_path / "good.png").read_bytes()
+    out = [(tmp_path / "missing.yaml", "cannot be read: No such file")]
+    (tmp_path / "syntax.yaml").write_text("image: good.png\nresolution: [0.1\n")
+    out.append((tmp_path / "syntax.yaml", "is not valid YAML (line 3)"))
+    (tmp_path / "types.yaml").write_text(good.read_text().replace("resolution: 1.0",
+                                                                  "resolution: fine"))
+    out.append((tmp_path / "types.yaml", "resolution = 'fine' must be a number"))
+    (tmp_path / "origin.yaml").write_text(good.read_text().replace("origin: [0.0, 0.0, 0.0]",
+                                                                   "origin: [a, b]"))
+    out.append((tmp_path / "origin.yaml", "origin = ['a', 'b'] must be [x, y, yaw]"))
+    (tmp_path / "noimage.yaml").write_text(good.read_text().replace("good.png", "gone.png"))
+    out.append((tmp_path / "noimage.yaml", "gone.png cannot be read"))
+    (tmp_path / "garbage.png").write_bytes(b"not a png at all")
+    (tmp_path / "garbage.yaml").write_text(good.read_text().replace("good.png", "garbage.png"))
+    out.append((tmp_path / "garbage.yaml", "garbage.png cannot be read (missing, corrupt"))
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "cut.yaml").write_text(good.read_text().replace("good.png", "cut.png"))
+    out.append((tmp_path / "cut.yaml", "cut.png cannot be read (missing, corrupt or truncated"))
+    return out
+
+
+def test_every_broken_map_file_is_a_value_error_naming_the_file(tmp_path):
+    for path, fragment in _broken_maps(tmp_path):
+        with pytest.raises(ValueError) as e:
+            load_map(path)
+        assert f"map file {path}" in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+def test_broken_map_stops_start_up_unless_not_required(tmp_path):
+    pts, bev = small_scene()
+    for path, fragment in _broken_maps(tmp_path):
+        cfg = MaskConfig(mode="map_prior", map_yaml=str(path))
+        with pytest.raises(ConfigError) as e:               # required (default): an error
+            ComputationMask(cfg, SMALL)
+        assert f"'mask.map_yaml' = '{path}'" in str(e.value) and fragment in str(e.value)
+        assert "mask.map_required to false" in str(e.value)
+        cm = ComputationMask(MaskConfig(mode="map_prior", map_yaml=str(path),
+                                        map_required=False, map_fallback="dense"), SMALL)
+        assert cm.map_prior is None and fragment in cm.map_error
+        res = cm(pts, bev, (0.0, 0.0, 0.0))                 # the fallback runs, saying why
+        assert res.mode == "dense" and res.fallback.startswith(cm.map_error)
+        assert "using mask.map_fallback = 'dense'" in res.fallback

@@ -176,3 +176,38 @@ def test_shipped_description_writes_out_every_architecture_size():
     d = load_description()
     assert set(d.architecture) == set(ARCH_DEFAULTS)       # nothing left to the code defaults
     assert architecture(d) == dict(d.architecture)
+
+
+def test_corrupt_truncated_or_missing_weights_name_the_file_and_description(tmp_path):
+    d = ModelDescription.load(write(tmp_path, base(weights="w.pt")))
+    modules = build_modules(d, Config())
+    save_checkpoint(tmp_path / "w.pt", d, modules.state_dict())
+    whole = (tmp_path / "w.pt").read_bytes()
+    for name, content in (("truncated", whole[: len(whole) // 2]),
+                          ("corrupt", b"PK\x03\x04 not a zip"), ("empty", b"")):
+        (tmp_path / "w.pt").write_bytes(content)
+        with pytest.raises(ModelError) as e:
+            Pipeline(Config(), d)
+        text = str(e.value)
+        assert f"weights '{tmp_path / 'w.pt'}' of model description '{d.source}' cannot be " \
+               "read (corrupt, truncated or not a torch checkpoint)" in text, (name, text)
+        assert "\n" not in text
+    (tmp_path / "w.pt").unlink()
+    with pytest.raises(ModelError, match=r"weights '.*w.pt' of model description .* do not "
+                                         "exist"):
+        Pipeline(Config(), d)
+
+
+def test_weights_of_another_network_shape_name_the_file(tmp_path):
+    """The right description embedded, but tensors of other shapes: a ModelError naming the
+    file (not a torch RuntimeError from load_state_dict)."""
+    d = ModelDescription.load(write(tmp_path, base(weights="w.pt")))
+    state = build_modules(d, Config()).state_dict()
+    key = next(k for k, v in state.items() if v.ndim == 4)
+    state[key] = torch.zeros(1, 1, 1, 1)
+    save_checkpoint(tmp_path / "w.pt", d, state)
+    with pytest.raises(ModelError) as e:
+        Pipeline(Config(), d)
+    text = str(e.value)
+    assert f"weights '{tmp_path / 'w.pt'}' do not fit the network of model description" in text
+    assert "size mismatch" in text and key.split(".", 1)[1] in text and "\n" not in text

@@ -1,6 +1,7 @@
 """The installed sparse_detector_node, started as a subprocess with the package's parameter file,
 driven over real DDS (loopback only, own domain: see conftest.py)."""
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,8 +57,8 @@ def probe():
 
 @pytest.fixture
 def node_with_extras():
-    proc = NodeProcess(PARAMS_FILE, {"sparse.tile": 8, "sparse.dense_crossover": 1,
-                                     "node.publish_mask": False})
+    proc = NodeProcess(PARAMS_FILE, {"sparse.dense_crossover": 1, "node.publish_mask": False,
+                                     "use_sim_time": False})
     p = Probe()
     yield proc, p
     p.close()
@@ -115,6 +116,7 @@ def test_malformed_cloud_is_rejected_and_node_keeps_running(node, probe):
 
 def test_bad_headers_and_empty_clouds_are_rejected_by_kind(node, probe):
     from builtin_interfaces.msg import Time
+    from sensor_msgs.msg import PointField
 
     assert probe.wait_for_subscriber(30), node.log()
     probe.publish(cloud(seed=3)[0], stamp=Time(sec=-1, nanosec=0))
@@ -126,11 +128,23 @@ def test_bad_headers_and_empty_clouds_are_rejected_by_kind(node, probe):
     d = probe.wait_for_diag(lambda d: d.get("rejected.empty") == "1", 30)
     assert d is not None, node.log()
     assert "no valid points" in d["last_rejection_reason"]
+    # is_dense = true is a hint, not a guarantee: an all-NaN cloud is empty all the same
+    probe.publish(encode(nan_only, "xyzi", is_dense=True))
+    d = probe.wait_for_diag(lambda d: d.get("rejected.empty") == "2", 30)
+    assert d is not None, node.log()
+    # a field the node does not use, past point_step: the field table is not trustworthy
+    odd = cloud_to_msg(cloud(seed=6)[0])
+    odd.fields = list(odd.fields) + [PointField(name="ambient", offset=odd.point_step,
+                                                datatype=PointField.UINT16, count=1)]
+    probe.publish(odd)
+    d = probe.wait_for_diag(lambda d: d.get("rejected.field_past_point_step") == "1", 30)
+    assert d is not None, node.log()
+    assert "'ambient'" in d["last_rejection_reason"]
     good, kept = cloud(seed=5)
     probe.publish(good)
     d = probe.wait_for_diag(lambda d: int(d["frames_processed"]) == 1, 30)
     assert d is not None, node.log()
-    assert int(d["frames_rejected"]) == 3 and int(d["points_kept"]) == kept
+    assert int(d["frames_rejected"]) == 5 and int(d["points_kept"]) == kept
     assert node.alive()
     assert node.interrupt() == 0
 
@@ -179,16 +193,201 @@ def test_weights_trained_on_another_grid_stop_startup(tmp_path):
     assert "grid.resolution: trained 0.4, configured 0.2" in log, log
 
 
-def test_unknown_parameter_is_a_warning_and_int_stands_for_float(node_with_extras):
+def test_int_stands_for_float_and_ros_node_parameters_are_accepted(node_with_extras):
     proc, probe = node_with_extras
     assert probe.wait_for_subscriber(30), proc.log()
-    assert "unknown parameter 'sparse.tile' ignored" in proc.log()
+    assert "unknown parameter" not in proc.log()
     # node.publish_mask false: no output/mask publisher, the other outputs are there
     assert probe.wait_for(lambda: probe.node.count_publishers("/output/markers") == 1, 10)
     assert probe.node.count_publishers("/output/objects") == 1
     assert probe.node.count_publishers("/output/mask") == 0
     assert proc.alive()
     assert proc.interrupt() == 0
+
+
+def one_error_line(log: str) -> str:
+    """The configuration error line of a node that stopped with exit code 2 (and nothing of a
+    traceback around it)."""
+    assert "Traceback" not in log and "RCLError" not in log, log
+    lines = [x for x in log.splitlines() if x.startswith("[sparse_detector] invalid ")]
+    assert len(lines) == 1, log
+    return lines[0]
+
+
+def test_configuration_errors_are_reported_all_at_once(tmp_path):
+    """A typo, a mixed-type list (rcl refuses it), a value out of range in the parameter file and
+    a grid value on the command line: one line naming all four, exit 2, no traceback."""
+    f = tmp_path / "params.yaml"
+    f.write_text("sparse_detector:\n  ros__parameters:\n    node:\n      qos_dpeth: 5\n"
+                 "    transform:\n      translation: [0, 0, 0.5]\n    sparse:\n"
+                 "      tile_size: 65\n", encoding="utf-8")
+    code, log = start_and_wait_file(f, {"grid.resolution": 0.1})
+    assert code == 2, log
+    line = one_error_line(log)
+    assert line.startswith("[sparse_detector] invalid configuration: 4 problems: "), line
+    for fragment in ("unknown parameter 'node.qos_dpeth' = 5: did you mean 'node.qos_depth'?",
+                     "'transform.translation' = [0, 0, 0.5] mixes float and integer values",
+                     "'sparse.tile_size' = 65 is out of range: allowed [4, 64]",
+                     "'grid.resolution' = 0.1 is not a runtime parameter"):
+        assert fragment in line, line
+
+
+def start_and_wait_file(params_file, params=None, extra_args=None) -> tuple[int, str]:
+    proc = NodeProcess(params_file, params, extra_args)
+    try:
+        return proc.wait(60), proc.log()
+    finally:
+        proc.close()
+
+
+def test_main_reports_argument_errors_in_one_line_before_rclpy(capsys):
+    """In-process (no node, no DDS): our reading of the arguments fails first, every problem
+    in one line; what only rclpy.init sees (an unknown ROS option) is one line too."""
+    import signal
+
+    from sparse_detector_ros.node import main
+
+    # the quiet Ctrl-C handler covers the module's imports only: the usual one is back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert main(["node", "--ros-args", "-p", "sparse.tile_size:=2", "-p", "node.qos_dpeth:=3",
+                 "-p", "transform.rpy:=[0, 0, 0.5]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("[sparse_detector] invalid configuration: 3 "
+                                              "problems: "), err
+    assert main(["node", "--ros-args", "--bogus-flag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "[sparse_detector] invalid ROS arguments: UnknownROSArgsError: ['--bogus-flag']"
+
+
+def test_unreadable_parameter_files_exit_2_with_one_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sparse_detector:\n  ros__parameters:\n    sparse: {tile_size: 8\n")
+    code, log = start_and_wait_file(broken, extra_args=["--params-file",
+                                                        str(tmp_path / "missing.yaml")])
+    assert code == 2, log
+    line = one_error_line(log)
+    assert f"parameter file '{broken}' is not valid YAML (line 4, column 1)" in line, line
+    assert f"parameter file '{tmp_path / 'missing.yaml'}' cannot be read: No such file" in line
+
+
+def test_only_this_nodes_entries_apply_and_wildcards_do(tmp_path):
+    """Values for another node are ignored (even invalid ones), ``/**`` applies to every node,
+    a later entry wins, and an unknown name is an error like in Config.from_yaml."""
+    f = tmp_path / "shared.yaml"
+    f.write_text("other_node:\n  ros__parameters:\n    sparse:\n      tile_size: 3\n"
+                 "    bogus: 1\n/**:\n  ros__parameters:\n    node:\n      qos_depth: 3\n"
+                 "sparse_detector:\n  ros__parameters:\n    node:\n      qos_depth: 7\n",
+                 encoding="utf-8")
+    proc, probe = NodeProcess(f), Probe()
+    try:
+        assert probe.wait_for_subscriber(60), proc.log()
+        assert probe.wait_for(lambda: "depth 7)" in proc.log(), 10), proc.log()
+        assert proc.interrupt() == 0
+    finally:
+        probe.close()
+        proc.close()
+    code, log = start_and_wait(FAST | {"sparse.tile": 8})
+    assert code == 2
+    assert "unknown parameter 'sparse.tile' = 8: did you mean 'sparse.tile_size'?" in \
+        one_error_line(log)
+
+
+@pytest.mark.parametrize("delay", [1.0, 1.5, 2.0, 2.5, 3.5])
+def test_ctrl_c_during_start_up_exits_quietly(delay):
+    """Ctrl-C while the modules load, the model loads or the warm-up runs (wherever ``delay``
+    lands): exit code 0 and no traceback."""
+    import time
+
+    proc = NodeProcess(PARAMS_FILE)
+    try:
+        time.sleep(delay)
+        code = proc.interrupt(30)
+        log = proc.log()
+        assert code == 0, log
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    finally:
+        proc.close()
+
+
+def test_clock_problems_and_faults_are_reported_and_kept_out_of_latency():
+    """A cloud stamped 0 or an hour ahead is processed but is a clock problem: counted, WARN
+    naming what to check, left out of the latency statistics. node.device cuda without a GPU:
+    the CPU stands in, a WARN fault in every diagnostics message."""
+    from builtin_interfaces.msg import Time
+
+    gpu = torch.cuda.is_available()
+    node, probe = NodeProcess(PARAMS_FILE, FAST | {"node.device": "cuda"}), Probe()
+    try:
+        assert probe.wait_for_subscriber(60), node.log()
+        d = probe.wait_for_diag(lambda d: True, 15)
+        assert d is not None, node.log()
+        assert d["frames_lost"] == "0" and d["frames_lost_in_transport"] == "0", d
+        if not gpu:
+            assert d["device"] == "cpu" and d["level"] in ("1", "2"), d
+            assert d["faults"].startswith("node.device is 'cuda' but no CUDA GPU"), d
+            assert d["faults"] in d["message"]
+        c, _ = cloud(seed=7)
+        probe.publish(c, stamp=Time(sec=0, nanosec=0))
+        d = probe.wait_for_diag(lambda d: d["frames_clock_skew"] == "1", 60)
+        assert d is not None, node.log()
+        assert d["frames_processed"] == "1" and d["latency_ms_p99"] == "0.000", d
+        assert "cloud stamped 0" in d["message"] and "use_sim_time" in d["message"], d
+        assert float(d["last_clock_skew_s"]) < -1e6 and d["level"] in ("1", "2"), d
+        now = probe.now()
+        probe.publish(c, stamp=Time(sec=now.sec + 3600, nanosec=now.nanosec))
+        d = probe.wait_for_diag(lambda d: d["frames_clock_skew"] == "2", 60)
+        assert d is not None, node.log()
+        assert re.search(r"stamped 3[56]\d\d\.\d s ahead of the node's clock", d["message"]), d
+        probe.publish(c)                                   # a good stamp: a real latency
+        d = probe.wait_for_diag(lambda d: d["frames_processed"] == "3", 60)
+        assert d is not None, node.log()
+        assert 0 < float(d["latency_ms_p99"]) < 60_000 and d["frames_clock_skew"] == "2", d
+        assert node.interrupt() == 0
+    finally:
+        probe.close()
+        node.close()
+
+
+def test_unreadable_map_stops_start_up_or_falls_back_when_not_required(tmp_path):
+    corrupt = tmp_path / "map.yaml"
+    corrupt.write_text("image: map.png\nresolution: [0.1\n")
+    code, log = start_and_wait({"mask.mode": "map_prior", "mask.map_yaml": str(corrupt)})
+    assert code == 2, log
+    line = one_error_line(log)
+    assert f"'mask.map_yaml' = '{corrupt}': the map could not be read" in line, line
+    assert "is not valid YAML" in line and "mask.map_required to false" in line
+    params = FAST | {"mask.mode": "map_prior", "mask.map_yaml": str(corrupt),
+                     "mask.map_required": False}
+    node, probe = NodeProcess(PARAMS_FILE, params), Probe()
+    try:
+        assert probe.wait_for_subscriber(60), node.log()
+        assert "mask.map_required is false, running with mask.map_fallback" in node.log()
+        probe.publish(cloud(seed=8)[0])
+        d = probe.wait_for_diag(lambda d: d["frames_processed"] == "1", 60)
+        assert d is not None, node.log()
+        assert d["mask_mode"] == "occupancy" and d["level"] in ("1", "2"), d
+        assert d["mask_fallback"].startswith(f"parameter 'mask.map_yaml' = '{corrupt}': the map "
+                                             "could not be read"), d
+        assert "mask 'occupancy' ran instead of the configured one" in d["message"], d
+        assert node.interrupt() == 0
+    finally:
+        probe.close()
+        node.close()
+
+
+def test_truncated_weights_stop_startup_naming_the_file(tmp_path):
+    from sparse_detector_ros.pipeline import build_modules
+    from sparse_detector_ros.config import Config
+
+    desc = load_description()
+    save_checkpoint(tmp_path / "w.pt", desc, build_modules(desc, Config()).state_dict())
+    data = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "w.pt").write_bytes(data[: len(data) // 3])
+    path = replace(desc, weights="w.pt").save(tmp_path / "model.yaml")
+    code, log = start_and_wait({"model.path": str(path)})
+    assert code == 2, log
+    assert f"weights '{tmp_path / 'w.pt'}' of model description '{path}' cannot be read " \
+           "(corrupt, truncated" in one_error_line(log)
 
 
 def test_demo_command_runs_end_to_end(tmp_path):

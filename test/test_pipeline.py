@@ -281,3 +281,119 @@ def test_pipeline_reconfigure_replaces_the_mount():
                                     "detector.top_k": 9}))
     assert np.allclose(p.mount.translation, (0.0, 0.0, 2.0))
     assert p.detector.config.detector.top_k == 9 and p.config.detector.top_k == 9
+
+
+def test_an_unreadable_map_falls_back_when_it_is_not_required(detector, tmp_path):
+    """mask.map_required false: a map that cannot be read is taken, the map prior gives way to
+    mask.map_fallback and the frame says why (the node's diagnostics then WARN)."""
+    corrupt = tmp_path / "corrupt.yaml"
+    corrupt.write_text("image: [unclosed\n")
+    for path, why in ((str(tmp_path / "missing.yaml"), "cannot be read"),
+                      (str(corrupt), "is not valid YAML")):
+        cfg = detector.config.updated({"mask.mode": "map_prior", "mask.map_yaml": path,
+                                       "mask.map_required": False})
+        detector.reconfigure(cfg)
+        r = detector.detect(points(), pose=(0.0, 0.0, 0.0))
+        assert r.mask_mode == "occupancy", r.mask_mode
+        assert r.mask_fallback.startswith(f"parameter 'mask.map_yaml' = {path!r}: the map could "
+                                          "not be read"), r.mask_fallback
+        assert why in r.mask_fallback and "using mask.map_fallback = 'occupancy'" in \
+            r.mask_fallback
+        with pytest.raises(ConfigError, match="mask.map_required to false"):  # required: refused
+            detector.reconfigure(cfg.updated({"mask.map_required": True}))
+
+
+def test_a_nan_cloud_flagged_dense_is_rejected_as_empty(pipeline):
+    with pytest.raises(CloudError) as e:
+        pipeline.process(encode(np.full((10, 4), np.nan, np.float32), "xyzi", is_dense=True))
+    assert e.value.kind == "empty" and "no valid points (10 before removing NaN/Inf)" in str(
+        e.value)
+
+
+# --------------------------------------------------------------------------- backend fallback
+
+def test_backend_fallback_says_why_torch_stands_in_for_cupy(monkeypatch):
+    from sparse_detector_ros import pipeline as pipeline_mod
+    from sparse_detector_ros.pipeline import backend_fallback
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert backend_fallback("torch", cuda) == "" and backend_fallback("auto", cpu) == ""
+    with pytest.raises(ConfigError, match="'sparse.backend' = 'cupy' needs a CUDA device"):
+        backend_fallback("cupy", cpu)
+
+    def broken(name, device):
+        raise RuntimeError("backend 'cupy' is not usable: ImportError: No module named 'cupy'")
+
+    monkeypatch.setattr(pipeline_mod.sparse_ops, "get_backend", broken)
+    text = backend_fallback("auto", cuda)
+    assert "CuPy kernels are unavailable on cuda (ImportError: No module named 'cupy')" in text
+    assert "torch backend" in text
+    with pytest.raises(ConfigError, match="'cupy' cannot be used: ImportError.*use 'auto'"):
+        backend_fallback("cupy", cuda)
+    monkeypatch.setattr(pipeline_mod.sparse_ops, "get_backend", lambda name, device: object())
+    assert backend_fallback("auto", cuda) == "" and backend_fallback("cupy", cuda) == ""
+
+
+# --------------------------------------------------------------------------- honest diagnostics
+
+def _diag(stats, previous=None, **kw):
+    snap = stats.snapshot()
+    return snap, diagnostics_to_dict(diagnostics_msg(snap, device="cpu", stamp=None,
+                                                     hardware_id="t", previous=previous,
+                                                     latency_budget_ms=100.0, **kw))
+
+
+def test_clock_skew_frames_stay_out_of_the_latency_and_warn():
+    stats = FrameStats(STAGES)
+    stats.processed(1, 1, {"rasterize": 1.0}, latency_ms=20.0)
+    stats.clock_skew(-1.8e9, "cloud stamped 0 (the driver sets no stamp?) ... check use_sim_time")
+    stats.processed(1, 1, {"rasterize": 1.0}, latency_ms=None)    # not a latency
+    snap, d = _diag(stats)
+    assert d["latency_ms_max"] == "20.000" and d["latency_ms_p99"] == "20.000"
+    assert d["frames_processed"] == "2" and d["frames_clock_skew"] == "1"
+    assert d["last_clock_skew_s"] == "-1800000000.000"
+    assert d["level"] == "1" and d["message"].startswith("1 frame(s) with a clock problem: "
+                                                         "cloud stamped 0"), d
+    assert "use_sim_time" in d["message"]
+    _, d = _diag(stats, snap)                                    # nothing new: OK again
+    assert d["level"] == "0" and d["frames_clock_skew"] == "1", d
+
+
+def test_lost_frames_are_sequence_gaps_where_the_middleware_numbers_messages():
+    from sparse_detector_ros.stats import SequenceGaps
+
+    gaps = SequenceGaps()
+    assert [gaps.missed("a", s) for s in (5, 6, 9, 10)] == [0, 0, 2, 0]
+    assert gaps.missed("b", 100) == 0 and gaps.missed("a", 14) == 3   # per publisher
+    assert gaps.missed("a", 1) == 0 and gaps.missed("a", 3) == 1      # a restarted count
+    stats = FrameStats(STAGES)
+    stats.lost(3)                                   # the message-lost event, until ...
+    snap, d = _diag(stats)
+    assert (d["frames_lost"], d["frames_lost_source"]) == ("3", "message-lost event")
+    stats.missed(0)                                 # ... clouds come with sequence numbers
+    stats.missed(5)
+    snap, d = _diag(stats, snap)
+    assert (d["frames_lost"], d["frames_lost_source"], d["frames_lost_in_transport"]) == (
+        "5", "sequence numbers", "3")               # the gaps include the transport's losses
+    assert d["level"] == "0"                        # counted, like dropped: not a WARN
+    stats = FrameStats(STAGES)
+    stats.lost_event_supported = False
+    assert _diag(stats)[1]["frames_lost_source"] == "not reported by the middleware"
+
+
+def test_faults_and_mask_fallback_are_reported():
+    stats = FrameStats(STAGES)
+    stats.processed(1, 1, {}, 1.0)
+    snap, d = _diag(stats)
+    assert (d["faults"], d["level"]) == ("", "0")
+    why = "sparse.backend 'auto': the CuPy kernels are unavailable on cuda (ImportError: x)"
+    snap, d = _diag(stats, snap, faults=[why])
+    assert d["level"] == "1" and d["message"] == why and d["faults"] == why
+    stats.processed(1, 1, {}, 1.0, mask_mode="occupancy",
+                    mask_fallback="odometry 2.0 s older than the cloud; using mask.map_fallback")
+    snap, d = _diag(stats, snap)
+    assert d["level"] == "1" and d["message"].startswith(
+        "mask 'occupancy' ran instead of the configured one: odometry 2.0 s older"), d
+    stats.processed(1, 1, {}, 1.0, mask_mode="map_prior")        # the map prior is back
+    _, d = _diag(stats, snap)
+    assert d["level"] == "0", d

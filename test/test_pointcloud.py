@@ -6,6 +6,8 @@ independently of encode; encode is then checked against the driver layouts of LA
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from sparse_detector_ros.pointcloud import (
     DATATYPES, FLOAT32, FLOAT64, INT8, INT16, INT32, LAYOUTS, UINT8, UINT16, UINT32,
-    CloudBuffer, CloudError, Layout, PointFieldSpec, decode, encode,
+    CloudBuffer, CloudError, Layout, PointFieldSpec, decode, encode, validate,
 )
 from sparse_detector_ros.ros_io import cloud_to_msg
 
@@ -131,8 +133,9 @@ def test_decode_random_layout_matches_struct_reference(layout, height, width, ro
     rng = np.random.default_rng(seed)
     n = height * width
     values = {f.name: random_values(rng, f, n) for f in fields}
-    if not is_dense and n:
-        # Poison some coordinates with NaN / +-Inf; decode must drop exactly those points.
+    if n:
+        # Poison some coordinates with NaN / +-Inf; decode must drop exactly those points,
+        # whatever is_dense says (a driver's hint, not a guarantee).
         for c in "xyz":
             bad = rng.random(n) < nan_frac / 3
             values[c][bad] = rng.choice([np.nan, np.inf, -np.inf], size=bad.sum())
@@ -145,9 +148,7 @@ def test_decode_random_layout_matches_struct_reference(layout, height, width, ro
         data = memoryview(data)
     msg = duck(fields, point_step, data, height, w, row_step, is_dense=is_dense)
     out = decode(msg)
-    expected = expected_from(values, any(f.name == "intensity" for f in fields))
-    if not is_dense:
-        expected = finite_rows(expected)
+    expected = finite_rows(expected_from(values, any(f.name == "intensity" for f in fields)))
     assert out.dtype == np.float32 and out.ndim == 2 and out.shape[1] == 4
     np.testing.assert_array_equal(out, expected)
 
@@ -295,8 +296,8 @@ def test_decode_real_ros_message(name):
     assert isinstance(msg, PointCloud2)
     out = decode(msg)
     np.testing.assert_array_equal(out, np.delete(pts, 5, axis=0))
-    msg.is_dense = True  # trusted: nothing removed, the NaN comes through
-    assert decode(msg).shape == (12, 4)
+    msg.is_dense = True  # a hint, not a guarantee: the NaN point is removed all the same
+    np.testing.assert_array_equal(decode(msg), np.delete(pts, 5, axis=0))
 
 
 def test_decode_real_ros_message_is_zero_copy_for_xyzi():
@@ -553,15 +554,24 @@ def _xyzi_msg(**over):
 
 
 def _expect(msg, kind, *fragments):
-    with pytest.raises(CloudError) as info:
-        decode(msg)
-    err = info.value
-    assert isinstance(err, ValueError)
-    assert err.kind == kind
-    text = str(err)
-    for frag in fragments:
-        assert frag in text, f"{frag!r} not in {text!r}"
+    """decode, and validate (its checks without the points: the node's subscription callback
+    runs it), both raise the CloudError ``kind`` with ``fragments`` in the message."""
+    for check in (decode, validate):
+        with pytest.raises(CloudError) as info:
+            check(msg)
+        err = info.value
+        assert isinstance(err, ValueError)
+        assert err.kind == kind
+        text = str(err)
+        for frag in fragments:
+            assert frag in text, f"{frag!r} not in {text!r}"
     return text
+
+
+def test_validate_passes_every_well_formed_cloud_without_reading_points():
+    for name in sorted(LAYOUTS):
+        assert validate(encode(np.full((8, 4), np.nan, np.float32), name, height=2)) is None
+    assert validate(_xyzi_msg()) is None
 
 
 def test_cloud_error_is_value_error():
@@ -628,10 +638,42 @@ def test_error_multi_count_field_past_point_step():
     _expect(msg, "field_past_point_step", "'intensity'", "point_step 16")
 
 
-def test_extra_field_past_point_step_is_ignored():
+@pytest.mark.parametrize("extra,kind,fragments", [
+    (F("ring", 40, UINT16), "field_past_point_step", ("'ring'", "offset 40", "point_step 16")),
+    (F("ring", 15, UINT16), "field_past_point_step", ("'ring'", "offset 15", "point_step 16")),
+    (F("normal", 4, FLOAT32, 4), "field_past_point_step", ("'normal'", "FLOAT32 x 4")),
+    (F("rgb", 12, 0), "bad_datatype", ("'rgb'", "datatype 0")),
+    (F("ring", 12, 9), "bad_datatype", ("'ring'", "datatype 9")),
+])
+def test_an_unused_field_that_does_not_fit_is_rejected(extra, kind, fragments):
+    """The field table describes the bytes: an unused field past point_step or of an unknown
+    datatype makes the whole cloud suspect, whatever the field."""
     msg = _xyzi_msg()
-    msg.fields = list(msg.fields) + [F("ring", 40, UINT16)]
+    msg.fields = list(msg.fields) + [extra]
+    _expect(msg, kind, *fragments)
+
+
+def test_an_unused_field_inside_point_step_is_fine_and_count_zero_counts_as_one():
+    msg = _xyzi_msg()
+    msg.fields = list(msg.fields) + [F("ring", 14, UINT16), F("flag", 15, UINT8, 0)]
     np.testing.assert_array_equal(decode(msg), np.arange(16, dtype=np.float32).reshape(4, 4))
+
+
+def test_every_error_kind_is_listed():
+    from sparse_detector_ros.pointcloud import CLOUD_ERROR_KINDS
+
+    source = Path(__file__).resolve().parents[1] / "sparse_detector_ros" / "pointcloud.py"
+    raised = set(re.findall(r'CloudError\(\s*"(\w+)"', source.read_text()))
+    assert raised == set(CLOUD_ERROR_KINDS)
+
+
+def test_dense_flag_is_a_hint_nan_points_go_and_all_nan_is_empty():
+    pts = np.full((100, 4), np.nan, np.float32)
+    for name in ("xyzi", "ouster"):
+        assert decode(encode(pts, name, is_dense=True)).shape == (0, 4)
+    pts[::3] = 1.0
+    out = decode(encode(pts, "velodyne", is_dense=True))
+    np.testing.assert_array_equal(out, pts[::3])
 
 
 @pytest.mark.parametrize("field,datatype", [("intensity", 0), ("intensity", 9), ("x", 42),

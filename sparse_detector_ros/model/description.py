@@ -19,7 +19,9 @@ file keeps only what really is runtime (thresholds, mask mode, backend, device, 
 A checkpoint (:func:`save_checkpoint`) stores the description it was trained with beside the
 state dict. :func:`load_checkpoint` refuses, with one message naming every difference, weights
 whose grid, channels, classes or architecture differ from the description that configures the
-run: a model applied to a grid it was not trained on gives wrong boxes without any error.
+run: a model applied to a grid it was not trained on gives wrong boxes without any error. A
+weights file that is missing, corrupt or truncated is refused with a message naming it and the
+description (``pipeline.Detector`` adds: tensors that do not fit the network).
 """
 from __future__ import annotations
 
@@ -214,10 +216,14 @@ def load_checkpoint(description: ModelDescription, path: str | Path | None = Non
     except FileNotFoundError:
         raise ModelError(f"weights '{path}' of model description '{description.source}' do "
                          "not exist") from None
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise ModelError(f"weights '{path}' cannot be read: {type(exc).__name__}: "
-                         f"{exc}") from None
-    if not isinstance(ckpt, dict) or "description" not in ckpt or "state_dict" not in ckpt:
+    except Exception as exc:  # a truncated, corrupt or foreign file: say which one
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        why = why if len(why) <= 300 else why[:300] + " ..."
+        raise ModelError(f"weights '{path}' of model description '{description.source}' cannot "
+                         f"be read (corrupt, truncated or not a torch checkpoint): {why}"
+                         ) from None
+    if (not isinstance(ckpt, dict) or "description" not in ckpt or "state_dict" not in ckpt
+            or not isinstance(ckpt["state_dict"], Mapping)):
         raise ModelError(f"weights '{path}' are not a sparse_detector_ros checkpoint (no "
                          "'description' and 'state_dict')")
     trained = ModelDescription.from_dict(ckpt["description"], f"{path} (embedded)")
