@@ -10,6 +10,11 @@ BENCHES = {
                "sparse residual block vs the fastest dense torch: speed-up and efficiency"),
     "pipeline": ("sparse_detector_ros.tools.bench_pipeline",
                  "the whole detector per stage (p50/p90/p99), dense against every mask"),
+    "overload": ("sparse_detector_ros.tools.bench_overload", "node at 3x capacity: drops, RSS"),
+    "soak": ("sparse_detector_ros.tools.bench_soak",
+             "many frames through the pipeline: RSS growth and p99 drift, first vs last window"),
+    "node": ("sparse_detector_ros.tools.bench_node",
+             "the real node through DDS: latency stamp to output, drops, CPU, RSS per mask"),
 }
 
 
