@@ -34,7 +34,7 @@ def test_package_xml_is_format3_ament_python_with_declared_dependencies():
 # ROS packages and Python libraries the code imports -> the package.xml key that provides them.
 _ROSDEP_KEYS = {"numpy": "python3-numpy", "yaml": "python3-yaml", "torch": "python3-torch",
                 "PIL": "python3-pil", "shapely": "python3-shapely", "tqdm": "python3-tqdm",
-                "matplotlib": "python3-matplotlib"}
+                "matplotlib": "python3-matplotlib", "hypothesis": "python3-hypothesis"}
 _ROS = re.compile(r"^(rclpy|rcl_interfaces|[a-z0-9_]+_msgs|tf2_ros|launch|launch_ros|"
                   r"ament_index_python)$")
 _NOT_ROSDEP = {"builtin_interfaces", "cupy", "rosbags"}  # with rclpy / optional / pip only
