@@ -76,12 +76,14 @@ def test_proc_readers_read_this_process():
 
 
 def test_bench_soak_prints_consistent_json():
+    # one torch thread: on a CPU shared with other work two threads can stall each other
     rc, rows = _cli_rows(["bench", "soak", "--frames", "30", "--scans", "2", "--scenes", "1",
-                          "--warmup", "0"])
+                          "--warmup", "0", "--threads", "1"])
     assert rc == 0
     assert [r["bench"] for r in rows] == ["run", "soak", "summary"]
     run, soak, summary = rows
     assert run["frames"] == 30 and run["scans"] == 2 and run["points_mean"] > 100_000
+    assert run["threads"] == 1 and len(run["loadavg_start"]) == 3
     assert soak["frames"] == 30 and soak["window"] == 15          # at most half the frames
     for key in ("ms_first", "ms_last"):
         assert set(soak[key]) == set(STATS) and _ordered(soak[key])
@@ -133,8 +135,13 @@ def test_node_row_counts_the_run_only_and_judges_the_target():
     assert row["node_diagnostics"] == {"total_ms_p99": "41.0"}
     assert not row["target_met"] and not row["aim_met"]          # drops and losses
 
+    assert row["active_fraction_mean"] is None                   # no diagnostics in between
+    during = [_diag(12, 12, 0, 0, frames_in_window="3", active_fraction="0.2"),
+              _diag(15, 15, 0, 0, frames_in_window="1", active_fraction="0.6"),
+              _diag(15, 15, 0, 0, frames_in_window="0", active_fraction="0.000")]
     clean = bench_node.mode_row("dense", 10, _diag(5, 5, 0, 0), _diag(15, 15, 0, 0),
-                                [30.0] * 9 + [70.0], 1.0, 1.0, 1.0, 0.1, 1024, 1024)
+                                [30.0] * 9 + [70.0], 1.0, 1.0, 1.0, 0.1, 1024, 1024, during)
+    assert clean["active_fraction_mean"] == pytest.approx(0.3)   # weighted by frames
     assert clean["frames"]["lost"] == 0 and clean["latency_ms"]["max"] == 70.0
     assert clean["target_met"] and not clean["aim_met"]          # p99 between 50 and 100 ms
     slow = bench_node.mode_row("dense", 10, _diag(5, 5, 0, 0), _diag(15, 15, 0, 0),
@@ -175,6 +182,7 @@ def test_bench_node_counters_add_up_and_every_processed_frame_has_a_latency():
     lat = node["latency_ms"]
     assert set(lat) == set(STATS) and _ordered(lat) and lat["min"] > 0
     assert node["node_diagnostics"]["mask_mode"] == "occupancy"
+    assert 0 < node["active_fraction_mean"] <= 1
     assert node["cpu_percent"] > 0 and node["rss_mib"] > 0
     assert node["rss_peak_mib"] >= node["rss_mib"]
     assert node["target_met"] == (lat["p99"] <= summary["targets"]["p99_ms_max"]

@@ -3,12 +3,12 @@
 For each mask mode of ``--modes`` (default: ``dense`` and the parameter file's ``mask.mode``,
 in one run, one after the other) the installed ``sparse_detector_node`` is started as a child
 process (:class:`node_client.NodeProcess`, the package's parameter file, ``mask.mode`` set; the
-same torch threads for every mode: the node's default) on a local DDS domain. A
-:class:`node_client.Probe` in this process publishes synthetic 64-beam scans (``--lidar
-hdl64e``: about 120k points, ``velodyne`` layout, the ``bench`` seed range; ``--scans``
-distinct scans cycled; the sensor pose as ``input/odometry`` with every cloud) at ``--rate``
-(10 Hz) for ``--seconds`` (60 s), after ``--warmup`` uncounted clouds, and records when each
-cloud's ``output/objects`` arrives.
+same torch threads for every mode: the node's default, or ``--node-threads``) on a local DDS
+domain. A :class:`node_client.Probe` in this process publishes synthetic 64-beam scans
+(``--lidar hdl64e``: about 120k points, ``velodyne`` layout, the ``bench`` seed range;
+``--scans`` distinct scans cycled; the sensor pose as ``input/odometry`` with every cloud) at
+``--rate`` (10 Hz) for ``--seconds`` (60 s), after ``--warmup`` uncounted clouds, and records
+when each cloud's ``output/objects`` arrives.
 
 * latency: the cloud's stamp (the probe's clock when it was published) to the arrival of the
   ``output/objects`` with that stamp, on the same clock; ``{"p50", "p90", "p99", "min",
@@ -23,7 +23,8 @@ cloud's ``output/objects`` arrives.
   one core busy) and its RSS at the end and peak (``VmRSS``, ``VmHWM``); the probe's own CPU %
   (it shares the machine);
 * ``node_diagnostics``: the node's own ``total_ms_p50/p99`` and ``latency_ms_p50/p99`` (over its
-  last ``node.stats_window`` frames), ``active_fraction``, ``mask_mode``;
+  last ``node.stats_window`` frames), ``mask_mode``; ``active_fraction_mean``: the share of the
+  backbone's tiles computed, over the counted frames (from the node's per-period diagnostics);
 * ``loadavg_end`` (the run row has ``loadavg_start``): other work on the machine shows there.
 
 JSON lines: a ``"run"`` row, one ``"node"`` row per mode, a ``"summary"`` row with the targets
@@ -37,6 +38,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .bench_soak import positive_int
 
@@ -81,6 +83,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reliable", action="store_true",
                         help="subscribe input/points reliably (default: the parameter file's "
                         "node.qos_reliability)")
+    parser.add_argument("--node-threads", type=positive_int, default=None,
+                        help="torch (OpenMP) threads of the node, set through OMP_NUM_THREADS "
+                        "(default: the node's default, one per core)")
     parser.add_argument("--startup-timeout", type=_positive_float, default=120.0,
                         help="seconds to wait for the node to subscribe (default 120)")
     parser.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID to use")
@@ -125,10 +130,11 @@ def settled(probe, timeout: float) -> dict | None:
 
 def mode_row(mode: str, sent: int, before: dict, after: dict, latencies_ms: list[float],
              cpu_s: float, wall_s: float, send_s: float, probe_cpu_s: float, rss_kib: int,
-             rss_peak_kib: int) -> dict:
+             rss_peak_kib: int, during: Sequence[dict] = ()) -> dict:
     """The ``"node"`` row of one mode from the settled diagnostics ``before`` and ``after`` the
     counted run, the latencies of the counted frames whose outputs came back, and the node's
-    CPU seconds over ``wall_s`` seconds."""
+    CPU seconds over ``wall_s`` seconds. ``during``: the diagnostics received in between (their
+    per-period ``active_fraction``, weighted by ``frames_in_window``, gives the run's mean)."""
     from .bench_pipeline import percentiles
 
     delta = {k.removeprefix("frames_"): int(after[k]) - int(before[k]) for k in COUNTERS}
@@ -138,8 +144,12 @@ def mode_row(mode: str, sent: int, before: dict, after: dict, latencies_ms: list
     lat = percentiles(latencies_ms) if latencies_ms else None
     p99 = lat["p99"] if lat else None
     ok = p99 is not None and p99 <= TARGET_P99_MS and frames["dropped"] == 0 and lost == 0
+    weights = [(int(d["frames_in_window"]), float(d["active_fraction"])) for d in during
+               if "frames_in_window" in d and "active_fraction" in d]
+    n_active = sum(k for k, _ in weights)
+    active = round(sum(k * a for k, a in weights) / n_active, 4) if n_active else None
     diag = {k: after[k] for k in ("total_ms_p50", "total_ms_p99", "latency_ms_p50",
-                                  "latency_ms_p99", "active_fraction", "mask_mode",
+                                  "latency_ms_p99", "mask_mode",
                                   "mask_fallback", "frames_in_stats", "backend", "device")
             if k in after}
     return {"bench": "node", "mode": mode, "frames": frames, "latency_ms": lat,
@@ -147,7 +157,7 @@ def mode_row(mode: str, sent: int, before: dict, after: dict, latencies_ms: list
             "cpu_percent": round(100.0 * cpu_s / wall_s, 1) if wall_s > 0 else None,
             "probe_cpu_percent": round(100.0 * probe_cpu_s / wall_s, 1) if wall_s > 0 else None,
             "rss_mib": round(rss_kib / 1024.0, 1), "rss_peak_mib": round(rss_peak_kib / 1024.0, 1),
-            "node_diagnostics": diag,
+            "active_fraction_mean": active, "node_diagnostics": diag,
             "target_met": ok, "aim_met": ok and p99 <= AIM_P99_MS}
 
 
@@ -190,7 +200,17 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
         params["mask.map_yaml"] = map_yaml
     if args.reliable:
         params["node.qos_reliability"] = "reliable"
-    node = NodeProcess(params_file, params)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if args.node_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.node_threads)
+    try:
+        node = NodeProcess(params_file, params)
+    finally:
+        if args.node_threads:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
     probe = Probe(reliable=True)   # matches a best-effort and a reliable subscription
     arrivals: dict[int, int] = {}   # stamp [ns] -> arrival [ns, probe clock]
 
@@ -213,6 +233,7 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
         if not probe.wait_for(lambda: bool(arrivals), 30.0):
             raise fail("no output/objects came back for the warm-up clouds")
         before = settled(probe, 30.0)
+        first = len(probe.diagnostics)
         if before is None:
             raise fail("the node's counters did not settle after the warm-up")
         n = max(1, round(args.seconds * args.rate))
@@ -229,7 +250,7 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
         probe.spin_for(0.3)   # outputs still on their way
         lat = [(arrivals[s] - s) / 1e6 for s in stamps if s in arrivals]
         row = mode_row(mode, len(stamps), before, after, lat, cpu1 - cpu0, t1 - t0, send_s,
-                       probe1 - probe0, rss, rss_peak)
+                       probe1 - probe0, rss, rss_peak, probe.diagnostics[first:])
         row["loadavg_end"] = load
         return row
     finally:
@@ -267,7 +288,8 @@ def run(args) -> int:
                "params_file": params_file,
                "qos_reliability": "reliable" if args.reliable else config.node.qos_reliability,
                "node_device": config.node.device, "torch": torch.__version__,
-               "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+               "node_threads": args.node_threads or os.environ.get("OMP_NUM_THREADS")
+               or torch.get_num_threads(), "cores": os.cpu_count(),
                "domain_id": os.environ.get("ROS_DOMAIN_ID"), "loadavg_start": load_average()}
     rows = [run_row]
     print(json.dumps(run_row), flush=True)
