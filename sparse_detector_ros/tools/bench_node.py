@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .bench_soak import positive_int
+from .node_client import stamp_ns
 
 #: p99 latency limit [ms] (with no dropped or lost frame) and the p99 aimed for [ms]
 TARGET_P99_MS = 100.0
@@ -161,10 +162,6 @@ def mode_row(mode: str, sent: int, before: dict, after: dict, latencies_ms: list
             "target_met": ok, "aim_met": ok and p99 <= AIM_P99_MS}
 
 
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 10**9 + int(stamp.nanosec)
-
-
 def _send(probe, msgs, scans, n: int, period: float, offset: int) -> tuple[list[int], float]:
     """Publish ``n`` clouds (odometry first, same stamp) every ``period`` s, spinning the probe
     in between; returns their stamps [ns] and the seconds the sending took. A send that falls
@@ -180,7 +177,7 @@ def _send(probe, msgs, scans, n: int, period: float, offset: int) -> tuple[list[
         msgs[i].header.stamp = stamp
         msgs[i].header.frame_id = "lidar"
         probe.pub.publish(msgs[i])
-        stamps.append(_stamp_ns(stamp))
+        stamps.append(stamp_ns(stamp))
         next_t += period
         now = time.monotonic()
         if now - next_t > period:
@@ -212,7 +209,6 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
             else:
                 os.environ["OMP_NUM_THREADS"] = saved
     probe = Probe(reliable=True)   # matches a best-effort and a reliable subscription
-    arrivals: dict[int, int] = {}   # stamp [ns] -> arrival [ns, probe clock]
 
     def fail(what: str) -> RuntimeError:
         return RuntimeError(f"bench node ({mode}): {what}\n--- node log ---\n{node.log()}")
@@ -220,17 +216,12 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
     try:
         if not probe.has_objects:
             raise RuntimeError("bench node: vision_msgs is missing (run scripts/setup.sh)")
-        from vision_msgs.msg import Detection3DArray
-        probe.node.create_subscription(
-            Detection3DArray, "output/objects",
-            lambda m: arrivals.setdefault(_stamp_ns(m.header.stamp),
-                                          probe.node.get_clock().now().nanoseconds), 10)
         if not probe.wait_for_subscriber(args.startup_timeout):
             raise fail(f"the node did not subscribe to input/points in {args.startup_timeout} s")
         period = 1.0 / args.rate
         warm = max(1, args.warmup)
         _send(probe, msgs, scans, warm, period, 0)
-        if not probe.wait_for(lambda: bool(arrivals), 30.0):
+        if not probe.wait_for(lambda: bool(probe.arrivals), 30.0):
             raise fail("no output/objects came back for the warm-up clouds")
         before = settled(probe, 30.0)
         first = len(probe.diagnostics)
@@ -248,7 +239,7 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
             raise fail("the node's counters did not settle after the counted run")
         rss_peak = proc_status_kib("VmHWM", pid)
         probe.spin_for(0.3)   # outputs still on their way
-        lat = [(arrivals[s] - s) / 1e6 for s in stamps if s in arrivals]
+        lat = [(probe.arrivals[s] - s) / 1e6 for s in stamps if s in probe.arrivals]
         row = mode_row(mode, len(stamps), before, after, lat, cpu1 - cpu0, t1 - t0, send_s,
                        probe1 - probe0, rss, rss_peak, probe.diagnostics[first:])
         row["loadavg_end"] = load

@@ -114,7 +114,7 @@ def run(args) -> int:
     from ..sim.export import cloud_buffer
     from ..train.evaluate import MIN_POINTS
     from .demo_report import FrameScore, draw_bev, score_frame
-    from .node_client import NodeProcess, Probe
+    from .node_client import NodeProcess, Probe, stamp_ns
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,16 +137,10 @@ def run(args) -> int:
     print(f"demo: starting sparse_detector_node with {params_file}", flush=True)
     node = NodeProcess(params_file, {"node.diagnostics_period": 0.5})
     probe = Probe(reliable=True)  # compatible with best-effort and reliable subscribers
-    arrivals: dict[tuple[int, int], float] = {}   # objects' stamp -> arrival [ns, probe clock]
     code, ok = None, False
     try:
         if not probe.has_objects:
             raise SystemExit("demo: vision_msgs is missing (run scripts/setup.sh)")
-        from vision_msgs.msg import Detection3DArray
-        probe.node.create_subscription(
-            Detection3DArray, "output/objects",
-            lambda m: arrivals.setdefault(_stamp_key(m.header.stamp),
-                                          probe.node.get_clock().now().nanoseconds), 10)
         if not probe.wait_for_subscriber(90):
             print(node.log())
             raise SystemExit("demo: the node did not subscribe to input/points")
@@ -181,8 +175,9 @@ def run(args) -> int:
             score = score_frame(boxes, scores, names, frame.boxes, frame.labels,
                                 frame.num_points, classes, model.grid)
             total.add(score)
-            lat = (arrivals[key] - (stamp.sec * 10**9 + stamp.nanosec)) / 1e6 \
-                if key in arrivals else float("nan")
+            sent_ns = stamp_ns(stamp)
+            lat = ((probe.arrivals[sent_ns] - sent_ns) / 1e6 if sent_ns in probe.arrivals
+                   else float("nan"))
             latencies.append(lat)
             grid, extent = mask_to_array(mask) if mask is not None else (None, None)
             active = float(grid.mean()) if grid is not None else float("nan")

@@ -34,6 +34,11 @@ def local_dds_env(domain_id: int | None = None) -> None:
         os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
 
 
+def stamp_ns(stamp) -> int:
+    """A ``builtin_interfaces/Time`` in nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
 def node_executable() -> str:
     """Path of the installed ``sparse_detector_node`` (next to this Python, else on PATH)."""
     here = Path(sys.executable).parent / NODE_EXECUTABLE
@@ -109,7 +114,9 @@ class Probe:
     detector as a dict (``ros_io.diagnostics_to_dict``), and every message the detector
     publishes on ``output/objects`` (:attr:`objects`; only when vision_msgs imports, else the
     list stays empty), ``output/markers`` (:attr:`markers`) and ``output/mask``
-    (:attr:`masks`). :meth:`set_parameters` calls the detector's parameter service."""
+    (:attr:`masks`); :attr:`arrivals` maps each objects message's header stamp [ns] to when it
+    arrived [ns, the probe's clock] (latency = arrival - stamp). :meth:`set_parameters` calls
+    the detector's parameter service."""
 
     def __init__(self, topic: str = "input/points", reliable: bool = True, name: str = "probe",
                  odometry_topic: str = "input/odometry", node_name: str = "/sparse_detector"):
@@ -132,6 +139,7 @@ class Probe:
         self.odom_pub = self.node.create_publisher(Odometry, odometry_topic, qos)
         self.diagnostics: list[dict] = []
         self.objects: list = []
+        self.arrivals: dict[int, int] = {}
         self.markers: list = []
         self.masks: list = []
         self.node_name = node_name
@@ -146,8 +154,12 @@ class Probe:
         self.has_objects = vision_msgs_error() is None
         if self.has_objects:
             from vision_msgs.msg import Detection3DArray
-            self.node.create_subscription(Detection3DArray, "output/objects",
-                                          self.objects.append, 10)
+            def on_objects(msg):
+                self.arrivals.setdefault(stamp_ns(msg.header.stamp),
+                                         self.node.get_clock().now().nanoseconds)
+                self.objects.append(msg)
+
+            self.node.create_subscription(Detection3DArray, "output/objects", on_objects, 10)
         self.node.create_subscription(MarkerArray, "output/markers", self.markers.append, 10)
         self.node.create_subscription(OccupancyGrid, "output/mask", self.masks.append, 10)
         self.executor = rclpy.executors.SingleThreadedExecutor(context=self.context)
