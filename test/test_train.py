@@ -96,8 +96,8 @@ def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
     batch = collate([ds[0], ds[1]])
     stride = modules["net"].out_stride
     with torch.no_grad():
-        one = losses(modules, batch, stride, 3, True, args_for(tiny, "w1"))
-        three = losses(modules, batch, stride, 3, True, args_for(tiny, "w3", rot_weight=3.0))
+        one = losses(modules, batch, stride, 3, "dense", args_for(tiny, "w1"))
+        three = losses(modules, batch, stride, 3, "dense", args_for(tiny, "w3", rot_weight=3.0))
         dense = torch.ones_like(batch["mask"], dtype=torch.float32)
         head, active = modules["net"](batch["bev"], dense)
         t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
@@ -140,3 +140,35 @@ def test_torchrun_two_cpu_processes_gloo(tiny):
     assert [r["crops"] for r in rows if "total" in r][-1] == 4 * 1 * 2   # steps x batch x world
     desc = load_description(out / "model.yaml")
     assert Detector(Config(), replace(desc)).trained
+
+
+def test_pass_kind_splits_the_draws_by_the_fractions():
+    from sparse_detector_ros.train.train import pass_kind
+
+    kinds = [pass_kind(u / 100, 0.3, 0.35) for u in range(100)]
+    assert kinds.count("dense") == 30 and kinds.count("objects") == 35
+    assert kinds.count("occupancy") == 35
+    assert kinds[29] == "dense" and kinds[30] == "objects" and kinds[65] == "occupancy"
+    assert {pass_kind(u / 100, 0.0, 0.0) for u in range(100)} == {"occupancy"}
+
+
+def test_object_mask_covers_each_object_with_whole_mask_net_cells_and_nothing_else(tiny):
+    from sparse_detector_ros.masks import net_target
+    from sparse_detector_ros.train.train import object_mask
+
+    g = GRID
+    boxes = torch.tensor([[3.1, -4.3, 0.0, 4.5, 1.9, 1.6, 0.3],     # a car
+                          [-8.0, 6.0, 0.0, 0.6, 0.6, 1.7, 0.0]])    # a pedestrian
+    m = object_mask([boxes, boxes[:0]], [g, g], 4, (128, 128))
+    assert m.shape == (2, 128, 128)
+    assert m[1].sum() == 0                                     # no object: nothing active
+    low = net_target(boxes, g, 4)
+    assert torch.equal(m[0].view(32, 4, 32, 4).amax((1, 3)), low)  # whole 4 x 4 blocks
+    assert torch.equal(m[0].view(32, 4, 32, 4).amin((1, 3)), low)
+    for x, y in boxes[:, :2].tolist():                          # each centre cell is active
+        assert m[0, int((x - g.x_min) / g.resolution), int((y - g.y_min) / g.resolution)] == 1
+    assert 0 < m[0].mean() < 0.05                               # tight: a few % of the crop
+    with pytest.raises(ValueError, match="allowed dense, occupancy, objects"):
+        from sparse_detector_ros.train.train import losses
+        losses({"net": None, "mask_net": None}, {"bev": torch.zeros(1), "mask": torch.zeros(1)},
+               4, 3, "sparse", None)

@@ -3,10 +3,13 @@
 One step (:func:`train_step`):
 
 1. a batch of random ``crop x crop`` crops of cached BEV samples (:mod:`.data`);
-2. the computation mask of the pass: with probability ``--dense-fraction`` everything (a dense
-   pass), else the cached occupancy mask (a sparse pass: in ``train()`` mode every sparse module
-   runs its dense-masked reference, the same values as the sparse path on the active tiles), so
-   what runs at inference is what is trained;
+2. the computation mask of the pass (:func:`pass_kind`): with probability ``--dense-fraction``
+   everything (a dense pass), with probability ``--object-mask-fraction`` the objects' mask
+   (:func:`object_mask`: the cells of the mask net's grid that objects cover, as tight as the
+   net mask at inference), else the cached occupancy mask (sparse passes: in ``train()`` mode
+   every sparse module runs its dense-masked reference, the same values as the sparse path on
+   the active tiles), so what runs at inference -- objects near the edge of the active tiles
+   included -- is what is trained;
 3. the network on it; CenterPoint targets on the crop's grid (:mod:`.targets`); the focal loss
    on the heatmap and L1 on offset, z, log size and sin/cos yaw, both restricted to the head's
    active cells (outside them nothing is computed at inference);
@@ -71,12 +74,44 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------------------ the step
 
-def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, dense: bool,
+#: the computation masks of a training pass (see :func:`pass_kind`)
+PASSES = ("dense", "occupancy", "objects")
+
+
+def pass_kind(u: float, dense_fraction: float, object_fraction: float) -> str:
+    """The mask of a pass for a uniform draw ``u`` in [0, 1): ``dense`` below
+    ``dense_fraction``, ``objects`` in the next ``object_fraction``, else ``occupancy``."""
+    if u < dense_fraction:
+        return "dense"
+    return "objects" if u < dense_fraction + object_fraction else "occupancy"
+
+
+def object_mask(boxes: list, grids: list, factor: int, hw: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W)`` float: 1 on the cells of the ``factor``-downsampled grid that an object of
+    ``boxes[b]`` covers (:func:`~sparse_detector_ros.masks.net_target`, the mask net's
+    target), each repeated over the ``factor x factor`` BEV cells it holds, cropped to ``hw``:
+    a computation mask as tight as a good net mask, so that objects at the edge of the active
+    tiles are trained on."""
+    H, W = hw
+    low = torch.stack([net_target(b, g, factor) for b, g in zip(boxes, grids)])
+    return low.repeat_interleave(factor, 1).repeat_interleave(factor, 2)[:, :H, :W]
+
+
+def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: str,
            args) -> dict[str, torch.Tensor]:
-    """The loss terms of one batch (see the module docstring)."""
+    """The loss terms of one batch under the computation mask ``kind`` (one of
+    :data:`PASSES`; see the module docstring)."""
     net, mask_net = modules["net"], modules["mask_net"]
     bev = batch["bev"]
-    mask = torch.ones_like(batch["mask"], dtype=bev.dtype) if dense else batch["mask"].to(bev)
+    if kind == "dense":
+        mask = torch.ones_like(batch["mask"], dtype=bev.dtype)
+    elif kind == "objects":
+        mask = object_mask(batch["boxes"], batch["grid"], mask_net.factor,
+                           tuple(batch["mask"].shape[1:])).to(bev)
+    elif kind == "occupancy":
+        mask = batch["mask"].to(bev)
+    else:
+        raise ValueError(f"kind = {kind!r}: allowed {', '.join(PASSES)}")
     head, active = net(bev, mask)
     t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, num_classes)
     act = active.to(bev.dtype)
@@ -107,8 +142,8 @@ class TrainModel(torch.nn.Module):
         self.inner = modules
         self.stride, self.num_classes, self.args = stride, num_classes, args
 
-    def forward(self, batch: dict[str, Any], dense: bool) -> dict[str, torch.Tensor]:
-        return losses(self.inner, batch, self.stride, self.num_classes, dense, self.args)
+    def forward(self, batch: dict[str, Any], kind: str) -> dict[str, torch.Tensor]:
+        return losses(self.inner, batch, self.stride, self.num_classes, kind, self.args)
 
 
 def filter_points(batch: dict[str, Any], min_points: int) -> dict[str, Any]:
@@ -127,6 +162,10 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed + rank)
+    fractions = (args.dense_fraction, args.object_mask_fraction)
+    if min(fractions) < 0 or sum(fractions) > 1:
+        raise SystemExit(f"train: --dense-fraction ({fractions[0]}) and --object-mask-fraction "
+                         f"({fractions[1]}) must be >= 0 and add up to at most 1")
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -179,8 +218,9 @@ def run(args) -> int:
             batch = filter_points(batch, args.min_points)
             batch["bev"] = batch["bev"].to(device)
             batch["mask"] = batch["mask"].to(device)
-            dense = dense_rng.random() < args.dense_fraction
-            terms = step_model(batch, dense)
+            kind = pass_kind(dense_rng.random(), args.dense_fraction,
+                             args.object_mask_fraction)
+            terms = step_model(batch, kind)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             torch.nn.utils.clip_grad_norm_(modules.parameters(), 10.0)
@@ -198,7 +238,7 @@ def run(args) -> int:
                 if step % args.log_every == 0 or step == args.steps:
                     log.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 1),
                                           "crops": step * args.batch * world,
-                                          "dense": dense, "lr": sched.get_last_lr()[0],
+                                          "mask": kind, "lr": sched.get_last_lr()[0],
                                           **{k: round(v, 5) for k, v in vals.items()},
                                           **{f"ema_{k}": round(v, 5) for k, v in ema.items()}})
                               + "\n")
