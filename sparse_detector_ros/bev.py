@@ -59,11 +59,17 @@ class Rasterizer:
     ``points`` is a numpy array or a torch tensor ``(N, >=4)`` with columns
     ``x, y, z, intensity`` (further columns are ignored); numpy input is wrapped without a copy
     and moved to ``device`` in one transfer.
+
+    ``channels_last=True`` writes the same values straight into channels_last storage (the
+    layout of the sparse backbone: ``bev.permute(0, 2, 3, 1)`` is contiguous), which saves the
+    network a copy of the whole map (~1 ms for the default grid on a 2-core CPU).
     """
 
-    def __init__(self, grid: GridConfig, device: str | torch.device = "cpu"):
+    def __init__(self, grid: GridConfig, device: str | torch.device = "cpu", *,
+                 channels_last: bool = False):
         self.grid = grid
         self.device = torch.device(device)
+        self.channels_last = bool(channels_last)
         self.height, self.width = grid.shape
         self.channels = grid.channels
         self._inv_res = 1.0 / grid.resolution
@@ -116,16 +122,25 @@ class Rasterizer:
         # A NaN intensity (finite coordinates) counts as 0 rather than poisoning the cell.
         inten = torch.nan_to_num(pts[idx, 3] * (1.0 / g.intensity_max), nan=0.0).clamp_(0.0, 1.0)
 
-        bev = torch.zeros(batch * self.channels * hw, dtype=torch.float32, device=self.device)
-        bev.index_fill_(0, base + zslice * hw + cell, 1.0)
-        bev.scatter_reduce_(0, base + g.z_slices * hw + cell, inten, reduce="amax",
-                            include_self=True)
-        bev = bev.view(batch, self.channels, hw)
+        C = self.channels
+        bev = torch.zeros(batch * C * hw, dtype=torch.float32, device=self.device)
         sample_cell = cell if b is None else b * hw + cell
+        if self.channels_last:        # flat index (sample * hw + cell) * C + channel
+            bev.index_fill_(0, sample_cell * C + zslice, 1.0)
+            bev.scatter_reduce_(0, sample_cell * C + g.z_slices, inten, reduce="amax",
+                                include_self=True)
+            planes = bev.view(batch, hw, C).permute(0, 2, 1)      # (batch, C, hw) view
+        else:
+            bev.index_fill_(0, base + zslice * hw + cell, 1.0)
+            bev.scatter_reduce_(0, base + g.z_slices * hw + cell, inten, reduce="amax",
+                                include_self=True)
+            planes = bev.view(batch, C, hw)
         count = torch.bincount(sample_cell, minlength=batch * hw).to(torch.float32)
-        bev[:, g.z_slices + 1] = (torch.log1p(count) * self._inv_log_sat).clamp_(max=1.0).view(
-            batch, hw)
-        return bev.view(batch, self.channels, self.height, self.width), idx
+        planes[:, g.z_slices + 1] = (torch.log1p(count) * self._inv_log_sat).clamp_(
+            max=1.0).view(batch, hw)
+        if self.channels_last:
+            return bev.view(batch, self.height, self.width, C).permute(0, 3, 1, 2), idx
+        return bev.view(batch, C, self.height, self.width), idx
 
 
 def rasterize(points: np.ndarray | torch.Tensor, grid: GridConfig,

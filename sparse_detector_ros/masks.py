@@ -591,11 +591,17 @@ def pool_by(x: torch.Tensor, factor: int, pool: str = "max") -> torch.Tensor:
     (``"avg"``) of each ``f x f`` block, over its in-map cells at the border. Equal to
     ``F.max_pool2d`` / ``F.avg_pool2d`` with ``ceil_mode=True``; on a contiguous NCHW map whose
     sides ``f`` divides, two reductions over reshaped views instead (measured 5x faster on CPU
-    for a 512 x 512 x 7 BEV)."""
+    for a 512 x 512 x 7 BEV), and the same over the channels_last storage of a channels_last
+    map (the result is then channels_last too)."""
     f = int(factor)
     if f == 1:
         return x
     N, C, H, W = x.shape
+    nhwc = x.permute(0, 2, 3, 1)
+    if not (H % f or W % f) and nhwc.is_contiguous() and not x.is_contiguous():
+        v = nhwc.view(N, H // f, f, W // f, f, C)
+        y = v.amax(2).amax(3) if pool == "max" else v.mean(2).mean(3)
+        return y.permute(0, 3, 1, 2)
     if H % f or W % f or not x.is_contiguous():
         op = F.max_pool2d if pool == "max" else F.avg_pool2d
         return op(x, f, f, ceil_mode=True)

@@ -182,7 +182,8 @@ class Detector:
         self.net: SparseBEVNet = modules["net"]
         self.net.fuse().to(self.device)
         self.mask_net = modules["mask_net"].eval().to(self.device)
-        self.rasterizer = Rasterizer(self.grid, self.device)
+        # channels_last: the backbone's layout, no copy of the map before the stem
+        self.rasterizer = Rasterizer(self.grid, self.device, channels_last=True)
         # the map prior's map comes from mask.map_yaml (set_map_prior replaces it)
         self.masker = ComputationMask(config.mask, self.grid, mask_net=self.mask_net)
 

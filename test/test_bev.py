@@ -422,6 +422,19 @@ def test_batch_equals_stacked_single_clouds():
     assert int((bev[4, -1] > 0).sum()) == 1 and not bev[1].any()
 
 
+def test_channels_last_rasterizer_writes_the_same_values_into_nhwc_storage():
+    clouds = [_cloud(30), _cloud(31, 300), np.zeros((0, 4), np.float32)]
+    plain, nhwc = Rasterizer(SMALL), Rasterizer(SMALL, channels_last=True)
+    for c in clouds:
+        (a, na), (b, nb) = plain(c), nhwc(c)
+        assert na == nb and torch.equal(a, b)
+        assert b.permute(0, 2, 3, 1).is_contiguous() and not b.is_contiguous()
+    (a, ka), (b, kb) = plain.batch(clouds), nhwc.batch(clouds)
+    assert ka == kb and torch.equal(a, b) and b.permute(0, 2, 3, 1).is_contiguous()
+    # the storage itself is (sample, row, col, channel): a net reading it without a copy
+    assert b.contiguous(memory_format=torch.channels_last).data_ptr() == b.data_ptr()
+
+
 def test_batch_of_one_equals_the_single_call_and_rasterize_batch():
     pts = _cloud(23)
     bev, n = run(pts)

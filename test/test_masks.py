@@ -561,6 +561,13 @@ def test_mask_net_shapes_and_pooling():
             y, 4, 4, ceil_mode=True), rtol=0, atol=0)
         torch.testing.assert_close(pool_by(y, 4, "avg"), torch.nn.functional.avg_pool2d(
             y, 4, 4, ceil_mode=True))
+    # a channels_last map takes the NHWC fast path: same values, channels_last result
+    z = torch.rand(2, 7, 64, 48).contiguous(memory_format=torch.channels_last)
+    for pool, ref in (("max", torch.nn.functional.max_pool2d),
+                      ("avg", torch.nn.functional.avg_pool2d)):
+        out = pool_by(z, 4, pool)
+        torch.testing.assert_close(out, ref(z.contiguous(), 4, 4), rtol=0, atol=1e-6)
+        assert out.permute(0, 2, 3, 1).is_contiguous()
 
 
 def test_net_mask_thresholds_and_upsamples():
