@@ -259,6 +259,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     # --- node (node.py).
     ParamSpec("node.device", "auto", "torch device: auto (cuda if available), cpu, cuda",
               choices=("auto", "cpu", "cuda")),
+    ParamSpec("node.threads", 0, "CPU threads of the network (torch intra-op threads); 0: "
+              "torch's default, one per core", 0, 1024),
     ParamSpec("node.qos_reliability", "best_effort", "input/points subscription reliability "
               "(best_effort = sensor-data QoS)", choices=("best_effort", "reliable")),
     ParamSpec("node.qos_depth", 5, "input/points subscription queue depth", 1, 1000),
@@ -436,6 +438,7 @@ class TransformConfig:
 @dataclass(frozen=True)
 class NodeConfig:
     device: str = _default("node.device")
+    threads: int = _default("node.threads")
     qos_reliability: str = _default("node.qos_reliability")
     qos_depth: int = _default("node.qos_depth")
     diagnostics_period: float = _default("node.diagnostics_period")

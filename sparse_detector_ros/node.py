@@ -79,6 +79,7 @@ _SIGINT_BEFORE = (signal.signal(signal.SIGINT, _leave_quietly)
 try:
     import numpy as np  # noqa: E402
     import rclpy  # noqa: E402
+    import torch  # noqa: E402
     from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
     from nav_msgs.msg import OccupancyGrid, Odometry  # noqa: E402
     from rcl_interfaces.msg import (FloatingPointRange, IntegerRange,  # noqa: E402
@@ -222,6 +223,8 @@ class SparseDetectorNode(Node):
         if fallback:
             self.faults.append(fallback)
             self.get_logger().warning(fallback)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.pipeline = Pipeline(self.config, self.model, self.device)
         if not self.pipeline.detector.trained:
             self.get_logger().warning(
@@ -493,7 +496,8 @@ class SparseDetectorNode(Node):
             snap, device=str(self.device), backend=self.backend,
             stamp=self.get_clock().now().to_msg(), hardware_id=self.get_fully_qualified_name(),
             previous=self._last_snapshot, input_timeout_s=cfg.input_timeout_s,
-            latency_budget_ms=cfg.latency_budget_ms, faults=self.faults))
+            latency_budget_ms=cfg.latency_budget_ms, faults=self.faults,
+            threads=torch.get_num_threads()))
         self._last_snapshot = snap
 
     def stop(self) -> None:

@@ -47,7 +47,8 @@ def diagnostics_msg(snapshot: dict, *, device: str, stamp, hardware_id: str,
                     previous: dict | None = None, backend: str = "",
                     input_timeout_s: float | None = None,
                     latency_budget_ms: float | None = None,
-                    faults: Sequence[str] = ()) -> DiagnosticArray:
+                    faults: Sequence[str] = (), threads: int | None = None
+                    ) -> DiagnosticArray:
     """``stats.FrameStats.snapshot()`` -> DiagnosticArray with one status, ``DIAG_NAME``.
 
     Level (worst first; the message joins every problem, worst first, with "; "):
@@ -63,7 +64,8 @@ def diagnostics_msg(snapshot: dict, *, device: str, stamp, hardware_id: str,
       (``mask_fallback``, e.g. the map prior without a pose or without a readable map);
     * OK otherwise (message ``ok``).
 
-    Keys: ``backend``, ``device``, ``faults`` (the start-up faults joined with "; ", "" when
+    Keys: ``backend``, ``device``, ``threads`` (the network's CPU threads, when given),
+    ``faults`` (the start-up faults joined with "; ", "" when
     none), the frame counters ``frames_received/processed/dropped/rejected``, ``frames_lost``
     (clouds sent but never taken: in the transport or overwritten in the subscription's queue;
     ``frames_lost_source`` says how they are counted, ``frames_lost_in_transport`` is the
@@ -108,6 +110,7 @@ def diagnostics_msg(snapshot: dict, *, device: str, stamp, hardware_id: str,
     values = [
         ("backend", backend),
         ("device", device),
+        *((("threads", str(threads)),) if threads is not None else ()),
         ("faults", "; ".join(str(f) for f in faults if f)),
         ("frames_received", str(snapshot["frames_received"])),
         ("frames_processed", str(snapshot["frames_processed"])),

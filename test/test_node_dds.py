@@ -58,7 +58,7 @@ def probe():
 @pytest.fixture
 def node_with_extras():
     proc = NodeProcess(PARAMS_FILE, {"sparse.dense_crossover": 1, "node.publish_mask": False,
-                                     "use_sim_time": False})
+                                     "use_sim_time": False, "node.threads": 1})
     p = Probe()
     yield proc, p
     p.close()
@@ -78,7 +78,7 @@ def test_node_processes_clouds_and_reports_diagnostics(node, probe):
     d = probe.wait_for_diag(lambda d: int(d["frames_received"]) == 3
                             and int(d["frames_processed"]) + int(d["frames_dropped"]) == 3, 10)
     assert d is not None, (probe.latest(), node.log())
-    assert d["device"] == "cpu"
+    assert d["device"] == "cpu" and int(d["threads"]) >= 1     # node.threads 0: torch's own
     assert int(d["frames_rejected"]) == 0
     assert int(d["points_received"]) == 20000
     assert int(d["points_kept"]) == sent[-1]
@@ -201,6 +201,8 @@ def test_int_stands_for_float_and_ros_node_parameters_are_accepted(node_with_ext
     assert probe.wait_for(lambda: probe.node.count_publishers("/output/markers") == 1, 10)
     assert probe.node.count_publishers("/output/objects") == 1
     assert probe.node.count_publishers("/output/mask") == 0
+    d = probe.wait_for_diag(lambda d: True, 15)       # node.threads: the network's threads
+    assert d is not None and d["threads"] == "1", (d, proc.log())
     assert proc.alive()
     assert proc.interrupt() == 0
 
