@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--dense-fraction", type=float, default=0.3,
                         help="share of dense passes")
-    parser.add_argument("--object-mask-fraction", type=float, default=0.35,
+    parser.add_argument("--object-mask-fraction", type=float, default=0.0,
                         help="share of passes under the objects' own mask (as tight as the net "
                              "mask); the rest uses the occupancy mask")
     parser.add_argument("--reg-weight", type=float, default=2.0, help="weight of the L1 loss")
