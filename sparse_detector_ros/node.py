@@ -102,7 +102,7 @@ try:
     from .pointcloud import validate as validate_cloud  # noqa: E402
     from .ros_io import (detections_msg, diagnostics_msg, markers_msg, mask_msg,  # noqa: E402
                          vision_msgs_error)
-    from .runtime import keep_freed_memory  # noqa: E402
+    from .runtime import freeze_startup_objects, keep_freed_memory  # noqa: E402
     from .stats import FrameStats, SequenceGaps  # noqa: E402
 finally:
     if threading.current_thread() is threading.main_thread():
@@ -263,6 +263,9 @@ class SparseDetectorNode(Node):
         warm_ms = self.pipeline.warm_up()
         self.get_logger().info(f"warm-up frame (random points, {self.backend} backend): "
                                f"{warm_ms:.1f} ms")
+        # the start-up objects out of the garbage collector's scans (see runtime.py)
+        frozen = freeze_startup_objects()
+        self.get_logger().info(f"{frozen} start-up objects frozen out of garbage collection")
         # counts from here: "no cloud since start-up" excludes the model loading and warm-up
         self.stats = FrameStats(STAGES, window=cfg.stats_window)
 

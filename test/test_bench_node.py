@@ -189,3 +189,23 @@ def test_bench_node_counters_add_up_and_every_processed_frame_has_a_latency():
                                   and f["dropped"] == 0 and f["lost"] == 0)
     assert summary["target_met"] == {"occupancy": node["target_met"]}
     assert summary["p99_ms"] == {"occupancy": lat["p99"]}
+
+
+def test_probe_without_kept_messages_records_arrivals_only():
+    from types import SimpleNamespace
+
+    from sparse_detector_ros.tools.node_client import Probe
+
+    stamp = SimpleNamespace(sec=3, nanosec=500)
+    msg = SimpleNamespace(header=SimpleNamespace(stamp=stamp))
+    for keep in (False, True):
+        probe = Probe(keep_messages=keep)
+        try:
+            probe._on_objects(msg)
+            probe._on_markers(msg)
+            probe._on_mask(msg)
+            assert list(probe.arrivals) == [3_000_000_500]       # the arrival is recorded
+            kept = [probe.objects, probe.markers, probe.masks]
+            assert kept == ([[msg]] * 3 if keep else [[], [], []])
+        finally:
+            probe.close()

@@ -91,6 +91,7 @@ def test_node_processes_clouds_and_reports_diagnostics(node, probe):
         assert float(x["total_ms"]) >= sum(float(x[f"{s}_ms"]) for s in STAGES) - 0.01
         assert float(x["latency_ms"]) >= float(x["total_ms"])
     assert node.alive()
+    assert "start-up objects frozen out of garbage collection" in node.log()
     assert node.interrupt() == 0  # clean shutdown on SIGINT
 
 

@@ -37,3 +37,21 @@ def test_without_glibc_nothing_changes(monkeypatch):
 def test_real_glibc_accepts_it(monkeypatch):
     monkeypatch.setattr(runtime, "_DONE", {"value": None})
     assert runtime.keep_freed_memory() is (ctypes.util.find_library("c") is not None)
+
+
+def test_freeze_startup_objects_takes_live_objects_out_of_collections():
+    import gc
+
+    class Held:
+        pass
+
+    held = [Held() for _ in range(100)]          # alive "start-up" objects
+    try:
+        frozen = runtime.freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() >= 100
+        tracked = {id(o) for o in gc.get_objects()}
+        assert not any(id(o) in tracked for o in held)        # no collection scans them
+        later = Held()                                        # new objects are collected as before
+        assert gc.is_tracked(later) and id(later) in {id(o) for o in gc.get_objects()}
+    finally:
+        gc.unfreeze()

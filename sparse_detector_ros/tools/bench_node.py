@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..runtime import freeze_startup_objects
 from .bench_soak import positive_int
 from .node_client import stamp_ns
 
@@ -208,7 +209,9 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = saved
-    probe = Probe(reliable=True)   # matches a best-effort and a reliable subscription
+    # reliable: matches a best-effort and a reliable subscription; no message kept (the
+    # probe's own garbage collections would delay its arrival times)
+    probe = Probe(reliable=True, keep_messages=False)
 
     def fail(what: str) -> RuntimeError:
         return RuntimeError(f"bench node ({mode}): {what}\n--- node log ---\n{node.log()}")
@@ -224,6 +227,7 @@ def run_mode(mode: str, args, params_file, msgs, scans, map_yaml: str) -> dict:
         if not probe.wait_for(lambda: bool(probe.arrivals), 30.0):
             raise fail("no output/objects came back for the warm-up clouds")
         before = settled(probe, 30.0)
+        freeze_startup_objects()   # the probe's start-up objects out of its collections
         first = len(probe.diagnostics)
         if before is None:
             raise fail("the node's counters did not settle after the warm-up")

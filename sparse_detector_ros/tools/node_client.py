@@ -116,10 +116,16 @@ class Probe:
     list stays empty), ``output/markers`` (:attr:`markers`) and ``output/mask``
     (:attr:`masks`); :attr:`arrivals` maps each objects message's header stamp [ns] to when it
     arrived [ns, the probe's clock] (latency = arrival - stamp). :meth:`set_parameters` calls
-    the detector's parameter service."""
+    the detector's parameter service.
+
+    ``keep_messages=False`` (a benchmark): the outputs are still subscribed to (so the detector
+    builds and sends them as it would for RViz) and the arrivals recorded, but no message is
+    kept: a probe holding thousands of MarkerArrays makes its own garbage collections long, and
+    its callbacks -- the arrival times -- late."""
 
     def __init__(self, topic: str = "input/points", reliable: bool = True, name: str = "probe",
-                 odometry_topic: str = "input/odometry", node_name: str = "/sparse_detector"):
+                 odometry_topic: str = "input/odometry", node_name: str = "/sparse_detector",
+                 keep_messages: bool = True):
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from nav_msgs.msg import OccupancyGrid, Odometry
@@ -143,6 +149,7 @@ class Probe:
         self.markers: list = []
         self.masks: list = []
         self.node_name = node_name
+        self.keep_messages = bool(keep_messages)
         self._param_client = None
 
         def on_diag(msg):
@@ -154,16 +161,26 @@ class Probe:
         self.has_objects = vision_msgs_error() is None
         if self.has_objects:
             from vision_msgs.msg import Detection3DArray
-            def on_objects(msg):
-                self.arrivals.setdefault(stamp_ns(msg.header.stamp),
-                                         self.node.get_clock().now().nanoseconds)
-                self.objects.append(msg)
-
-            self.node.create_subscription(Detection3DArray, "output/objects", on_objects, 10)
-        self.node.create_subscription(MarkerArray, "output/markers", self.markers.append, 10)
-        self.node.create_subscription(OccupancyGrid, "output/mask", self.masks.append, 10)
+            self.node.create_subscription(Detection3DArray, "output/objects",
+                                          self._on_objects, 10)
+        self.node.create_subscription(MarkerArray, "output/markers", self._on_markers, 10)
+        self.node.create_subscription(OccupancyGrid, "output/mask", self._on_mask, 10)
         self.executor = rclpy.executors.SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
+
+    def _on_objects(self, msg) -> None:
+        self.arrivals.setdefault(stamp_ns(msg.header.stamp),
+                                 self.node.get_clock().now().nanoseconds)
+        if self.keep_messages:
+            self.objects.append(msg)
+
+    def _on_markers(self, msg) -> None:
+        if self.keep_messages:
+            self.markers.append(msg)
+
+    def _on_mask(self, msg) -> None:
+        if self.keep_messages:
+            self.masks.append(msg)
 
     def spin_for(self, seconds: float) -> None:
         end = time.monotonic() + seconds
