@@ -336,22 +336,30 @@ def points_tensor(points, device: str | torch.device = "cpu") -> torch.Tensor:
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Grow a ``(..., H, W)`` bool mask by ``radius`` cells (square ``2r+1`` kernel: a cell is
     active when any cell within ``radius`` rows and ``radius`` columns is); ``radius = 0``
-    returns ``mask``. Separable: or-ing ``r`` shifted copies along the rows, then along the
-    columns (on a 512 x 512 CPU mask about 60x faster than ``max_pool2d``)."""
+    returns ``mask``. Separable, along the rows then the columns, each by doubling: a step
+    or-s the mask with itself shifted both ways by ``s`` (at most one more than the reach so
+    far, so the reach grows without gaps), about ``2 log2(r)`` shifted copies instead of
+    ``2r`` (on a 512 x 512 CPU mask ~100x faster than ``max_pool2d``)."""
     r = int(radius)
     if r < 0:
         raise ValueError(f"radius = {radius!r} must be >= 0")
     if r == 0:
         return mask
-    mask = mask.bool()
-    rows = mask.clone()
-    for d in range(1, min(r, mask.shape[-2] - 1) + 1):
-        rows[..., d:, :] |= mask[..., :-d, :]
-        rows[..., :-d, :] |= mask[..., d:, :]
-    out = rows.clone()
-    for d in range(1, min(r, mask.shape[-1] - 1) + 1):
-        out[..., d:] |= rows[..., :-d]
-        out[..., :-d] |= rows[..., d:]
+    return _grow(_grow(mask.bool(), r, -2), r, -1)
+
+
+def _grow(mask: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """``mask`` (bool) or-ed over a window of ``r`` cells on each side along ``dim``."""
+    n = mask.shape[dim]
+    out, reach = mask.clone(), 0
+    while reach < r:
+        s = min(reach + 1, r - reach)
+        if s >= n:              # the rest of the window lies off the map
+            break
+        prev = out.clone()
+        out.narrow(dim, s, n - s).bitwise_or_(prev.narrow(dim, 0, n - s))
+        out.narrow(dim, 0, n - s).bitwise_or_(prev.narrow(dim, s, n - s))
+        reach += s
     return out
 
 
