@@ -51,14 +51,17 @@ def main(argv=None) -> int:
     from sparse_detector_ros.pipeline import Detector
     from sparse_detector_ros.sim import FRAME_RATE, generate_scene, get_lidar, render_frame
     from sparse_detector_ros.sim.splits import seeds
+    from sparse_detector_ros.sparse.blocks import plan_tiles
+    from sparse_detector_ros.sparse.geometry import grid_shape
 
     torch.set_num_threads(args.threads)
     model = load_description(args.model)
-    det = Detector(Config.from_yaml(args.params_file) if args.params_file else Config(), model)
+    config = Config.from_yaml(args.params_file) if args.params_file else Config()
+    det = Detector(config, model)
+    sp = config.sparse
     g = model.grid
     H, W = g.shape
     tile = det.net.tiles[0] * det.net.arch["stem_stride"]      # first-stage tile, BEV cells
-    ty, tx = -(-H // tile), -(-W // tile)
     thresholds = sorted(args.thresholds)
     rows = {}
     for preset in args.presets:
@@ -77,10 +80,11 @@ def main(argv=None) -> int:
                 with torch.inference_mode():
                     logits = det.mask_net(bev)
                 for t in thresholds:
-                    m = net_mask(logits, t, (H, W))[0]
-                    pad = torch.zeros(ty * tile, tx * tile, dtype=torch.bool)
-                    pad[:H, :W] = m
-                    on = pad.view(ty, tile, tx, tile).any(3).any(1).numpy()
+                    # the engine's own pooling of the mask into tiles
+                    m = net_mask(logits, t, (H, W)).float()
+                    plan = plan_tiles(m, tile, sp.threshold, sp.pooling, "torch")
+                    on = np.zeros(grid_shape((H, W), tile), bool)
+                    on[plan.indices[:, 1].numpy(), plan.indices[:, 2].numpy()] = True
                     a = acc[t]
                     a["active"].append(float(on.mean()))
                     a["hit"] += int(on[ci, cj].sum())

@@ -124,23 +124,19 @@ class Rasterizer:
 
         C = self.channels
         bev = torch.zeros(batch * C * hw, dtype=torch.float32, device=self.device)
+        # flat position of channel k of a point's cell: base + cell * cell_step + k * channel_step
+        cell_step, channel_step = (C, 1) if self.channels_last else (1, hw)
+        at = base + cell * cell_step
+        bev.index_fill_(0, at + zslice * channel_step, 1.0)
+        bev.scatter_reduce_(0, at + g.z_slices * channel_step, inten, reduce="amax",
+                            include_self=True)
+        bev = (bev.view(batch, self.height, self.width, C).permute(0, 3, 1, 2)
+               if self.channels_last else bev.view(batch, C, self.height, self.width))
         sample_cell = cell if b is None else b * hw + cell
-        if self.channels_last:        # flat index (sample * hw + cell) * C + channel
-            bev.index_fill_(0, sample_cell * C + zslice, 1.0)
-            bev.scatter_reduce_(0, sample_cell * C + g.z_slices, inten, reduce="amax",
-                                include_self=True)
-            planes = bev.view(batch, hw, C).permute(0, 2, 1)      # (batch, C, hw) view
-        else:
-            bev.index_fill_(0, base + zslice * hw + cell, 1.0)
-            bev.scatter_reduce_(0, base + g.z_slices * hw + cell, inten, reduce="amax",
-                                include_self=True)
-            planes = bev.view(batch, C, hw)
         count = torch.bincount(sample_cell, minlength=batch * hw).to(torch.float32)
-        planes[:, g.z_slices + 1] = (torch.log1p(count) * self._inv_log_sat).clamp_(
-            max=1.0).view(batch, hw)
-        if self.channels_last:
-            return bev.view(batch, self.height, self.width, C).permute(0, 3, 1, 2), idx
-        return bev.view(batch, C, self.height, self.width), idx
+        bev[:, g.z_slices + 1] = (torch.log1p(count) * self._inv_log_sat).clamp_(max=1.0).view(
+            batch, self.height, self.width)
+        return bev, idx
 
 
 def rasterize(points: np.ndarray | torch.Tensor, grid: GridConfig,

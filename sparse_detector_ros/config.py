@@ -468,15 +468,15 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
 
     @classmethod
-    def from_flat(cls, values: Mapping[str, Any]) -> "Config":
+    def from_flat(cls, values: Mapping[str, Any], problems: Sequence[str] = ()) -> "Config":
         """Build from dotted names (``{"sparse.tile_size": 8}``); unset names keep defaults.
 
-        Raises one :class:`ConfigError` listing every problem: an unknown name (with a close
-        match suggested), a wrong type, a value out of range, a grid parameter (``grid.*``,
-        which belongs to the model description). The parameters of every ROS node
-        (:func:`is_ros_node_param`) are accepted and left out.
+        Raises one :class:`ConfigError` listing every problem: ``problems`` the caller found
+        before (first), an unknown name (with a close match suggested), a wrong type, a value
+        out of range, a grid parameter (``grid.*``, which belongs to the model description). The
+        parameters of every ROS node (:func:`is_ros_node_param`) are accepted and left out.
         """
-        problems: list[str] = []
+        problems = list(problems)
         sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
         for name, value in values.items():
             if name in GRID_SPECS:
@@ -506,13 +506,7 @@ class Config:
         reads it for the node ``node``, see :func:`ros_file_params`). One ConfigError lists
         every problem."""
         values, problems = ros_file_params(data, node, source)
-        try:
-            config = cls.from_flat(values)
-        except ConfigError as exc:
-            problems += exc.problems
-        if problems:
-            raise ConfigError(problems=problems)
-        return config
+        return cls.from_flat(values, problems)
 
     @classmethod
     def from_yaml(cls, path: str | Path, node: str = "/" + NODE_NAME) -> "Config":
@@ -849,13 +843,7 @@ def config_from_ros_arguments(args: Sequence[str], node_name: str = NODE_NAME
                 continue
             key = ("/" + target if target and not target.startswith("/") else target) or "/**"
             merge_entries(merged, [(key, {name: value})])
-    try:
-        config = Config.from_flat(values_for_node(merged, node))
-    except ConfigError as exc:
-        problems += exc.problems
-    if problems:
-        raise ConfigError(problems=problems)
-    return config, notes
+    return Config.from_flat(values_for_node(merged, node), problems), notes
 
 
 def params_yaml() -> str:

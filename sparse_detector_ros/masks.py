@@ -635,8 +635,17 @@ def net_mask(logits: torch.Tensor, threshold: float, out_hw: tuple[int, int]) ->
     if f < 1 or -(-W // w) != f or h * f - H >= f or w * f - W >= f:
         raise ValueError(f"logits of {h} x {w} cells do not cover the grid {H} x {W} with one "
                          "whole factor")
-    on = torch.sigmoid(logits.float()) > threshold
-    return on[:, :, None, :, None].expand(N, h, f, w, f).reshape(N, h * f, w * f)[:, :H, :W]
+    return repeat_cells(torch.sigmoid(logits.float()) > threshold, f, out_hw)
+
+
+def repeat_cells(low: torch.Tensor, factor: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """``(N, h, w)`` cells of a ``factor``-downsampled grid -> ``(N, H, W)``: each value
+    repeated over the ``factor x factor`` cells it covers (nearest upsampling), cropped to
+    ``out_hw = (H, W)``."""
+    N, h, w = low.shape
+    f = int(factor)
+    H, W = out_hw
+    return low[:, :, None, :, None].expand(N, h, f, w, f).reshape(N, h * f, w * f)[:, :H, :W]
 
 
 def net_target(boxes, grid: GridConfig, stride: int = 4, margin: float | None = None

@@ -162,12 +162,7 @@ def declare_config(node: Node) -> Config:
             problems.append(grid_is_model_property(name, node.get_parameter(name).value))
         elif not is_ros_node_param(name):
             problems.append(unknown_parameter(name, node.get_parameter(name).value, SPECS))
-    try:
-        config = Config.from_flat(given)
-    except ConfigError as exc:
-        problems += exc.problems
-    if problems:
-        raise ConfigError(problems=problems)
+    config = Config.from_flat(given, problems)
     values = config.to_flat()
     for spec in PARAMS:
         try:

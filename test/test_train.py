@@ -159,7 +159,8 @@ def test_object_mask_covers_each_object_with_whole_mask_net_cells_and_nothing_el
     g = GRID
     boxes = torch.tensor([[3.1, -4.3, 0.0, 4.5, 1.9, 1.6, 0.3],     # a car
                           [-8.0, 6.0, 0.0, 0.6, 0.6, 1.7, 0.0]])    # a pedestrian
-    m = object_mask([boxes, boxes[:0]], [g, g], 4, (128, 128))
+    m = object_mask(torch.stack([net_target(boxes, g, 4), net_target(boxes[:0], g, 4)]), 4,
+                    (128, 128))
     assert m.shape == (2, 128, 128)
     assert m[1].sum() == 0                                     # no object: nothing active
     low = net_target(boxes, g, 4)

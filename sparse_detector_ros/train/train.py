@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..config import Config
-from ..masks import net_target
+from ..masks import net_target, repeat_cells
 from ..model.description import ModelDescription, load_description, save_checkpoint
 from ..model.network import architecture, load_state
 from ..pipeline import build_modules
@@ -86,32 +86,32 @@ def pass_kind(u: float, dense_fraction: float, object_fraction: float) -> str:
     return "objects" if u < dense_fraction + object_fraction else "occupancy"
 
 
-def object_mask(boxes: list, grids: list, factor: int, hw: tuple[int, int]) -> torch.Tensor:
-    """``(B, H, W)`` float: 1 on the cells of the ``factor``-downsampled grid that an object of
-    ``boxes[b]`` covers (:func:`~sparse_detector_ros.masks.net_target`, the mask net's
-    target), each repeated over the ``factor x factor`` BEV cells it holds, cropped to ``hw``:
-    a computation mask as tight as a good net mask, so that objects at the edge of the active
+def object_mask(targets: torch.Tensor, factor: int, hw: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W)``: the mask net's targets ``(B, h, w)`` (:func:`~sparse_detector_ros.masks.
+    net_target`: 1 on the cells of the ``factor``-downsampled grid that an object covers), each
+    cell repeated over the ``factor x factor`` BEV cells it holds, cropped to ``hw``: a
+    computation mask as tight as a good net mask, so that objects at the edge of the active
     tiles are trained on."""
-    H, W = hw
-    low = torch.stack([net_target(b, g, factor) for b, g in zip(boxes, grids)])
-    return low.repeat_interleave(factor, 1).repeat_interleave(factor, 2)[:, :H, :W]
+    return repeat_cells(targets, factor, hw)
 
 
 def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: str,
            args) -> dict[str, torch.Tensor]:
     """The loss terms of one batch under the computation mask ``kind`` (one of
     :data:`PASSES`; see the module docstring)."""
+    if kind not in PASSES:
+        raise ValueError(f"kind = {kind!r}: allowed {', '.join(PASSES)}")
     net, mask_net = modules["net"], modules["mask_net"]
     bev = batch["bev"]
+    # the mask net's target; also the computation mask of an "objects" pass
+    target_m = torch.stack([net_target(b, g, mask_net.factor) for b, g in
+                            zip(batch["boxes"], batch["grid"])]).to(bev)
     if kind == "dense":
         mask = torch.ones_like(batch["mask"], dtype=bev.dtype)
     elif kind == "objects":
-        mask = object_mask(batch["boxes"], batch["grid"], mask_net.factor,
-                           tuple(batch["mask"].shape[1:])).to(bev)
-    elif kind == "occupancy":
-        mask = batch["mask"].to(bev)
+        mask = object_mask(target_m, mask_net.factor, tuple(batch["mask"].shape[1:]))
     else:
-        raise ValueError(f"kind = {kind!r}: allowed {', '.join(PASSES)}")
+        mask = batch["mask"].to(bev)
     head, active = net(bev, mask)
     t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, num_classes)
     act = active.to(bev.dtype)
@@ -123,8 +123,6 @@ def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: 
     weight = {"rot": getattr(args, "rot_weight", 1.0)}
     out["reg"] = sum(weight.get(k, 1.0) * reg_loss(head[k], t[k], reg_mask) for k in REG_KEYS)
     logits_m = mask_net(bev)
-    target_m = torch.stack([net_target(b, g, mask_net.factor) for b, g in
-                            zip(batch["boxes"], batch["grid"])]).to(logits_m)
     pos_w = torch.tensor(args.mask_pos_weight, dtype=logits_m.dtype)
     out["mask_net"] = F.binary_cross_entropy_with_logits(logits_m[:, 0], target_m,
                                                          pos_weight=pos_w)
