@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["BOX_DIM", "corners_bev", "corners_3d", "points_in_boxes", "count_points_in_boxes",
-           "bev_iou", "iou_3d", "nms_bev"]
+           "bev_iou", "bev_iou_pairs", "iou_3d", "nms_bev"]
 
 BOX_DIM = 7
 
@@ -302,6 +302,25 @@ def bev_iou(boxes_a, boxes_b):
     Zero-area footprints have IoU 0 with everything."""
     a, b, tensor = _pair(boxes_a, boxes_b, "boxes_a", "boxes_b")
     iou = _iou(*_tensors(a, b), three_d=False)
+    return iou if tensor else iou.numpy()
+
+
+def bev_iou_pairs(boxes_a, boxes_b):
+    """(P,) rotated BEV IoU of the pairs ``boxes_a[i]``, ``boxes_b[i]`` (P, 7 each): the diagonal
+    of :func:`bev_iou` without the rest of the matrix. Zero-area footprints give 0."""
+    a, b, tensor = _pair(boxes_a, boxes_b, "boxes_a", "boxes_b")
+    ta, tb = _tensors(a, b)
+    if len(ta) != len(tb):
+        raise ValueError(f"boxes_a and boxes_b must pair up, got {len(ta)} and {len(tb)} boxes")
+    va, vb = ta[:, 3] * ta[:, 4], tb[:, 3] * tb[:, 4]
+    inter = torch.zeros_like(va)
+    ok = (va > 0) & (vb > 0)
+    if ok.any():
+        inter[ok] = _intersection_area(ta[ok], tb[ok])
+    union = va + vb - inter
+    pos = union > 0
+    iou = torch.where(pos, inter / torch.where(pos, union, torch.ones_like(union)),
+                      torch.zeros_like(union)).clamp(0, 1)
     return iou if tensor else iou.numpy()
 
 

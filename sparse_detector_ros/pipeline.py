@@ -246,7 +246,7 @@ class Detector:
         with timer("boxes"):
             dets = decode(head, self.grid, net.out_stride, self.thresholds,
                           top_k=self.config.detector.top_k, nms_iou=self.config.detector.nms_iou,
-                          active=active)[0]
+                          active=active, iou_weight=self.config.detector.iou_weight)[0]
         frac = net.stem.last_active_fraction
         return FrameResult(points_received=len(points), points_kept=kept, detections=dets,
                            active_fraction=float(frac if frac is not None else 1.0),

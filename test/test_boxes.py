@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_detector_ros.boxes import (bev_iou, corners_3d, corners_bev, count_points_in_boxes,
-                                       iou_3d, nms_bev, points_in_boxes)
+from sparse_detector_ros.boxes import (bev_iou, bev_iou_pairs, corners_3d, corners_bev,
+                                       count_points_in_boxes, iou_3d, nms_bev, points_in_boxes)
 
 
 def box(x=0.0, y=0.0, z=0.0, l=1.0, w=1.0, h=1.0, yaw=0.0):
@@ -164,6 +164,23 @@ def test_square_and_its_45_degree_rotation_meet_in_a_regular_octagon():
     octagon = 2 * (math.sqrt(2) - 1)                              # area inside both unit squares
     iou = bev_iou(arr(box()), arr(box(yaw=math.pi / 4)))[0, 0]
     assert iou == pytest.approx(octagon / (2 - octagon), abs=1e-12)
+
+
+def test_pairwise_iou_is_the_diagonal_of_the_matrix():
+    rng = np.random.default_rng(3)
+    a = np.c_[rng.uniform(-3, 3, (40, 3)), rng.uniform(0.5, 5, (40, 3)), rng.uniform(-4, 4, 40)]
+    b = a + np.c_[rng.normal(0, 0.5, (40, 3)), rng.normal(0, 0.3, (40, 3)), rng.normal(0, 0.3, 40)]
+    b[:, 3:6] = np.abs(b[:, 3:6])
+    b[0, 3] = 0.0                                    # a zero-area footprint: IoU 0
+    want = np.diag(bev_iou(a, b))
+    got = bev_iou_pairs(a, b)
+    assert got.shape == (40,) and got[0] == 0.0 and (got[1:] > 0).sum() > 20
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    t = bev_iou_pairs(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b))
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float64
+    np.testing.assert_allclose(t.numpy(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="must pair up, got 40 and 39 boxes"):
+        bev_iou_pairs(a, b[:39])
 
 
 def test_contained_box_iou_is_the_area_ratio():

@@ -390,3 +390,62 @@ def test_yaw_is_atan2_of_sin_and_cos():
     head["rot"][0, :, 10, 10] = torch.tensor([2.0 * math.sin(2.5), 2.0 * math.cos(2.5)])
     (det,) = decode(head, GRID, STRIDE, [0.1] * 3)
     assert det.boxes[0, 6].item() == pytest.approx(2.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("axis_yaw_,rot_yaw,want", [
+    (2.7, 2.5, 2.7),                         # rot near the axis: the axis as it is
+    (2.7, -0.5, 2.7 - math.pi),              # rot the other way: the axis turned round
+    (math.pi - 0.05, -math.pi + 0.1, math.pi - 0.05),   # across the +-pi seam
+    (0.3, 0.3 + math.pi / 2 - 0.01, 0.3),    # just under 90 degrees off: no turn
+])
+def test_axis_sets_the_footprint_and_rot_the_direction(axis_yaw_, rot_yaw, want):
+    head = blank_head()
+    head["axis"] = torch.zeros(1, 2, HO, WO)
+    place_boxes(head, [car(10, 10, yaw=rot_yaw)], [0], [2.0])
+    # a scaled axis vector: only its angle counts
+    head["axis"][0, :, 10, 10] = torch.tensor([3.0 * math.sin(2 * axis_yaw_),
+                                                3.0 * math.cos(2 * axis_yaw_)])
+    (det,) = decode(head, GRID, STRIDE, [0.1] * 3)
+    got = det.boxes[0, 6].item()
+    assert -math.pi <= got <= math.pi
+    assert abs(wrap(got - want)) < 1e-5
+    # without the axis the same head decodes the rot yaw
+    del head["axis"]
+    (det,) = decode(head, GRID, STRIDE, [0.1] * 3)
+    assert abs(wrap(det.boxes[0, 6].item() - rot_yaw)) < 1e-5
+
+
+def test_axis_of_the_wrong_shape_is_refused():
+    head = blank_head()
+    head["axis"] = torch.zeros(1, 1, HO, WO)
+    with pytest.raises(ValueError, match=r"head\['axis'\] must have shape"):
+        decode(head, GRID, STRIDE, [0.1] * 3)
+
+
+def test_iou_output_rescores_thresholds_and_orders_the_detections():
+    head = blank_head()
+    head["iou"] = torch.zeros(1, 1, HO, WO)
+    place_boxes(head, [car(10, 10), car(20, 20), car(30, 30)], [0, 0, 1], [2.0, 1.0, 0.0])
+    # predicted IoUs: the highest-scored box is the loosest
+    for (i, j), q in (((10, 10), 0.2), ((20, 20), 0.95), ((30, 30), 0.9)):
+        head["iou"][0, 0, i, j] = math.log(q / (1 - q))
+    (plain,) = decode(head, GRID, STRIDE, [0.3] * 3)
+    np.testing.assert_allclose(plain.boxes[:, 0], [car(k, k)[0] for k in (10, 20, 30)], atol=1e-5)
+    (det,) = decode(head, GRID, STRIDE, [0.3] * 3, iou_weight=0.5)
+    s = [sigmoid32(2.0), sigmoid32(1.0), 0.5]
+    want = sorted([(s[0] ** 0.5 * 0.2 ** 0.5, 10), (s[1] ** 0.5 * 0.95 ** 0.5, 20),
+                   (s[2] ** 0.5 * 0.9 ** 0.5, 30)], reverse=True)
+    assert min(w for w, _ in want) >= 0.3
+    np.testing.assert_allclose(det.scores.numpy(), [w for w, _ in want], rtol=1e-5)
+    np.testing.assert_allclose(det.boxes[:, 0], [car(k, k)[0] for w, k in want], atol=1e-5)
+    assert len(det) == 3
+    # the threshold applies to the rescored score: 0.5 drops the loose box (0.41)
+    (det,) = decode(head, GRID, STRIDE, [0.5] * 3, iou_weight=0.5)
+    np.testing.assert_allclose(det.boxes[:, 0], [car(k, k)[0] for k in (20, 30)], atol=1e-5)
+    # a head without "iou" ignores the weight
+    del head["iou"]
+    (det,) = decode(head, GRID, STRIDE, [0.1] * 3, iou_weight=0.9)
+    np.testing.assert_allclose(det.scores.numpy(), s, rtol=1e-6)
+    for bad in (1.0, -0.1):         # 1 would drop the heatmap: every cell a candidate
+        with pytest.raises(ValueError, match=r"iou_weight must be in \[0, 1\)"):
+            decode(head, GRID, STRIDE, [0.1] * 3, iou_weight=bad)

@@ -104,6 +104,21 @@ def test_matching_checkpoint_loads(tmp_path):
     assert torch.equal(ckpt["state_dict"]["w"], state["w"]) and ckpt["step"] == 7
 
 
+def test_a_left_out_architecture_key_means_its_default(tmp_path):
+    # weights written before heading / iou_head existed load under a description naming their
+    # defaults; a description asking for another heading is refused
+    arch = {"stage_channels": [8, 16], "stage_blocks": [1, 1]}
+    d, _ = _checkpoint(tmp_path, base(),
+                       base(weights="w.pt", architecture={**arch, "heading": "sincos",
+                                                          "iou_head": 0}))
+    load_checkpoint(d)
+    d, _ = _checkpoint(tmp_path, base(),
+                       base(weights="w.pt", architecture={**arch, "heading": "axis"}))
+    with pytest.raises(ModelError, match="architecture.heading: trained 'sincos', configured "
+                                         "'axis'"):
+        load_checkpoint(d)
+
+
 def test_weights_trained_on_another_grid_are_refused_with_one_message(tmp_path):
     d, _ = _checkpoint(tmp_path, base(grid={"resolution": 0.2, "z_slices": 3}),
                        base(weights="w.pt"))

@@ -223,6 +223,27 @@ def test_sizes_come_from_the_description():
         architecture(ModelDescription(architecture={"stage_blocks": (1, 2)}))
 
 
+def test_heading_and_iou_options_add_their_outputs_and_stay_exact():
+    plain = SparseBEVNet(ModelDescription(grid=GRID, architecture=SMALL))
+    assert set(plain.outputs) == {"heatmap", "offset", "z", "size", "rot"}
+    arch = {**SMALL, "heading": "axis", "iou_head": 1}
+    torch.manual_seed(0)
+    net = SparseBEVNet(ModelDescription(grid=GRID, architecture=arch)).eval()
+    assert net.outputs["axis"].out_channels == 2 and net.outputs["iou"].out_channels == 1
+    bev = torch.rand(1, GRID.channels, *GRID.shape)
+    mask = (torch.rand(1, *GRID.shape) < 0.3).float()
+    with torch.no_grad():
+        dense, _ = net(bev, torch.ones_like(mask))
+        sparse, _ = net(bev, mask)
+    exact = exact_cells(net, mask)
+    for name in ("axis", "iou"):
+        assert float((dense[name] - sparse[name]).abs().amax(1)[exact].max()) < 1e-4
+    with pytest.raises(ValueError, match="architecture.heading must be one of sincos, axis"):
+        architecture(ModelDescription(architecture={"heading": "bins"}))
+    with pytest.raises(ValueError, match="architecture.iou_head must be 0 or 1"):
+        architecture(ModelDescription(architecture={"iou_head": 2}))
+
+
 def test_macs_count_every_conv_and_sparse_carries_the_backbone():
     net = SparseBEVNet(ModelDescription())          # the shipped sizes, 512 x 512 x 7
     macs = net.macs((512, 512))

@@ -107,6 +107,44 @@ def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
     torch.testing.assert_close(three["heatmap"], one["heatmap"])
 
 
+def test_axis_and_iou_options_add_their_loss_terms_and_reach_the_weights(tiny):
+    from sparse_detector_ros.pipeline import build_modules
+    from sparse_detector_ros.train.data import collate
+    from sparse_detector_ros.train.targets import encode_batch, iou_loss, reg_loss
+    from sparse_detector_ros.train.train import losses
+
+    base = load_description(tiny / "model.yaml")
+    desc = replace(base, architecture={**base.architecture, "heading": "axis", "iou_head": 1})
+    torch.manual_seed(0)
+    modules = build_modules(desc, Config())
+    ds = CachedBEVDataset(tiny / "cache", crop=None)
+    batch = collate([ds[0], ds[1]])
+    stride = modules["net"].out_stride
+    with torch.no_grad():
+        one = losses(modules, batch, stride, 3, "dense", args_for(tiny, "a1"))
+        three = losses(modules, batch, stride, 3, "dense", args_for(tiny, "a3", rot_weight=3.0))
+        dense = torch.ones_like(batch["mask"], dtype=torch.float32)
+        head, active = modules["net"](batch["bev"], dense)
+        t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
+        m = t["mask"] * active.float()
+        heading = reg_loss(head["rot"], t["rot"], m) + reg_loss(head["axis"], t["axis"], m)
+        iou = iou_loss(head, t, m, stride * GRID.resolution)
+    # the rot weight scales the direction and the axis; the IoU term joins the total
+    torch.testing.assert_close(three["reg"] - one["reg"], 2 * heading, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(one["iou"], iou)
+    args = args_for(tiny, "a1")
+    torch.testing.assert_close(one["total"], one["heatmap"] + args.reg_weight * one["reg"]
+                               + args.mask_weight * one["mask_net"] + one["iou"])
+    # the command-line options reach the trained weights' description
+    assert train_cli.run(args_for(tiny, "axis", steps=3, heading="axis", iou_head=1)) == 0
+    rows = log_of(tiny / "axis" / "train_log.jsonl")
+    assert rows[-1]["done"] is True and "iou" in rows[-2]
+    trained = load_description(tiny / "axis" / "model.yaml")
+    assert trained.architecture["heading"] == "axis" and trained.architecture["iou_head"] == 1
+    det = Detector(Config(sparse=SparseConfig(tile_size=8)), trained)
+    assert det.trained and {"axis", "iou"} <= set(det.net.outputs)
+
+
 def test_resume_continues_from_the_checkpoint(tiny):
     out = tiny / "resume"
     assert train_cli.run(args_for(tiny, "resume", steps=20, save_every=5, max_minutes=0)) == 0

@@ -20,6 +20,7 @@ from sparse_detector_ros.model.network import SparseBEVNet
 from sparse_detector_ros.sim import CLASSES, generate_scene, get_lidar, render_frame
 from sparse_detector_ros.train import data
 from sparse_detector_ros.train.targets import (REG_KEYS, encode, encode_batch, focal_loss,
+                                               iou_loss,
                                                gaussian_radius, output_shape, reg_loss)
 
 ASYM = GridConfig(x_min=-10.0, x_max=30.5, y_min=-20.0, y_max=12.0, resolution=0.25)
@@ -29,13 +30,13 @@ SIZES = {0: (4.5, 1.9, 1.6), 1: (0.6, 0.6, 1.75), 2: (1.8, 0.6, 1.7)}   # car, p
 
 # ============================================================================ targets
 
-def head_of(targets: dict, batch: bool = False) -> dict:
+def head_of(targets: dict, batch: bool = False, axis: bool = True) -> dict:
     """A head dict that decodes to the targets' boxes: logit +20 on centre cells (heatmap
-    1.0), -20 elsewhere, the regression maps as they are."""
+    1.0), -20 elsewhere, the regression maps as they are (without ``axis`` unless ``axis``)."""
     t = targets if batch else {k: v[None] for k, v in targets.items()}
     hm = t["heatmap"]
     logits = torch.where(hm == 1.0, torch.tensor(20.0), torch.tensor(-20.0))
-    return {"heatmap": logits, **{k: t[k] for k in REG_KEYS}}
+    return {"heatmap": logits, **{k: t[k] for k in REG_KEYS if axis or k != "axis"}}
 
 
 def random_boxes(grid: GridConfig, stride: int, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +68,9 @@ def random_boxes(grid: GridConfig, stride: int, n: int, rng) -> tuple[np.ndarray
     return np.asarray(boxes, np.float32), np.asarray(labels, np.int64)
 
 
-def assert_round_trip(boxes, labels, grid, stride):
+def assert_round_trip(boxes, labels, grid, stride, axis):
     t = encode(boxes, labels, grid, stride, 3)
-    det = decode(head_of(t), grid, stride, [0.5] * 3, top_k=10_000, nms_iou=1.0)[0]
+    det = decode(head_of(t, axis=axis), grid, stride, [0.5] * 3, top_k=10_000, nms_iou=1.0)[0]
     got, _, got_labels = det.numpy()
     assert len(got) == len(boxes)
     # match by centre (each expected box has one decoded box within a mm)
@@ -85,21 +86,23 @@ def assert_round_trip(boxes, labels, grid, stride):
     np.testing.assert_array_equal(got_labels[order], labels)
 
 
-def test_round_trip_asymmetric_grid():
+@pytest.mark.parametrize("axis", [False, True])
+def test_round_trip_asymmetric_grid(axis):
     # 162 x 128 cells at stride 4: 41 x 32 output cells, the last row sticking out of the BEV
     assert ASYM.shape == (162, 128) and output_shape(ASYM, 4) == (41, 32)
     rng = np.random.default_rng(1)
     boxes, labels = random_boxes(ASYM, 4, 60, rng)
     assert set(labels.tolist()) == {0, 1, 2}
-    assert_round_trip(boxes, labels, ASYM, 4)
+    assert_round_trip(boxes, labels, ASYM, 4, axis)
 
 
-def test_round_trip_default_grid_at_the_networks_stride():
+@pytest.mark.parametrize("axis", [False, True])
+def test_round_trip_default_grid_at_the_networks_stride(axis):
     grid = GridConfig()
     stride = SparseBEVNet(ModelDescription()).out_stride
     rng = np.random.default_rng(2)
     boxes, labels = random_boxes(grid, stride, 150, rng)
-    assert_round_trip(boxes, labels, grid, stride)
+    assert_round_trip(boxes, labels, grid, stride, axis)
 
 
 def test_boxes_partly_outside_are_kept_centres_outside_are_dropped():
@@ -192,6 +195,47 @@ def test_encode_batch_stacks_samples_with_their_own_grids():
 def test_encode_rejects_bad_input(boxes, labels, message):
     with pytest.raises(ValueError, match=message):
         encode(boxes, labels, ASYM, 4, 3)
+
+
+def test_iou_loss_targets_the_iou_of_the_decoded_box_with_its_object():
+    g = GridConfig(x_min=0.0, x_max=25.6, y_min=0.0, y_max=25.6, resolution=0.2)
+    stride, cell = 4, 0.8
+    # an axis-aligned car (l along x) and a pedestrian, each alone in its cell
+    boxes = np.array([[5.1, 5.1, -1.0, 4.0, 2.0, 1.5, 0.0],
+                      [15.3, 9.7, -1.0, 0.8, 0.6, 1.7, 0.7]], np.float32)
+    t = encode_batch([boxes], [np.array([0, 1])], [g], stride, 3)
+    head = {k: t[k].clone() for k in ("offset", "z", "size", "rot", "axis")}
+    logit = torch.ones(1, 1, *t["mask"].shape[1:], requires_grad=True)
+    head["iou"] = logit
+    # perfect boxes: IoU 1 -> BCE(1, 1) = softplus(1) - 1 per object
+    loss = iou_loss(head, t, t["mask"], cell).detach()
+    assert float(loss) == pytest.approx(math.log1p(math.e) - 1, rel=1e-5)
+    # the car moved 0.25 cells (0.2 m) along its length: IoU (l - d) / (l + d) = 3.8 / 4.2;
+    # both turned round (rot negated, the axis unchanged: same footprints): no change there
+    i, j = int(5.1 // cell), int(5.1 // cell)
+    head["offset"] = head["offset"].clone()
+    head["offset"][0, 0, i, j] += 0.25
+    head["rot"] = -head["rot"]
+    loss = iou_loss(head, t, t["mask"], cell).detach()
+    q = (1.0 + 3.8 / 4.2) / 2                        # the mean over the two objects
+    assert float(loss) == pytest.approx(math.log1p(math.e) - q, rel=1e-5)
+    # gradient only into the IoU logits (the target is a constant)
+    head["offset"].requires_grad_(True)
+    iou_loss(head, t, t["mask"], cell).backward()
+    assert head["offset"].grad is None and logit.grad is not None
+    assert int((logit.grad != 0).sum()) == 2
+    # no object: zero, with a gradient path
+    empty = iou_loss(head, t, torch.zeros_like(t["mask"]), cell)
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+    # a quarter turn of the pedestrian's axis (0.8 x 0.6 about its centre): IoU 0.6^2 / (2 *
+    # 0.48 - 0.36) = 0.6
+    head["offset"] = t["offset"].clone()
+    head["rot"] = t["rot"].clone()
+    pi_, pj = int(15.3 // cell), int(9.7 // cell)
+    head["axis"] = head["axis"].clone()
+    head["axis"][0, :, pi_, pj] = -head["axis"][0, :, pi_, pj]
+    loss = iou_loss(head, t, t["mask"], cell).detach()
+    assert float(loss) == pytest.approx(math.log1p(math.e) - (1.0 + 0.6) / 2, rel=1e-5)
 
 
 def test_focal_loss_near_zero_for_a_perfect_prediction_larger_when_shifted():

@@ -20,7 +20,14 @@ same for y. ``Ho`` is ``ceil(H / S)`` or ``H // S`` for the BEV grid's ``(H, W)`
 * ``"z"`` (N, 1, Ho, Wo): the box centre's z in metres (sensor frame);
 * ``"size"`` (N, 3, Ho, Wo): ``log l, log w, log h`` (metres); clamped to
   ``[-LOG_SIZE_LIMIT, LOG_SIZE_LIMIT]`` before ``exp`` so that no infinite box reaches NMS;
-* ``"rot"`` (N, 2, Ho, Wo): ``(sin yaw, cos yaw)``; ``yaw = atan2(sin, cos)`` in ``[-pi, pi]``.
+* ``"rot"`` (N, 2, Ho, Wo): ``(sin yaw, cos yaw)``; ``yaw = atan2(sin, cos)`` in ``[-pi, pi]``;
+* ``"axis"`` (N, 2, Ho, Wo), optional (models with ``heading: axis``): ``(sin 2 yaw, cos 2 yaw)``,
+  the box's axis ``a = atan2(sin, cos) / 2``, the same for a box and the box turned round. When
+  present, the yaw is ``a`` or ``a + pi``, whichever lies nearer the ``rot`` yaw (``rot`` picks
+  the direction, ``axis`` sets the footprint), wrapped to ``[-pi, pi]``;
+* ``"iou"`` (N, 1, Ho, Wo), optional (models with ``iou_head: 1``): a logit, the predicted BEV
+  IoU of the cell's box with its object; with ``iou_weight > 0`` it rescores the detections
+  (:func:`decode`), so that tight boxes rank before loose ones.
 
 Boxes follow :mod:`sparse_detector_ros.boxes`: ``(x, y, z, l, w, h, yaw)``, ``z`` the centre,
 in the sensor frame of the cloud.
@@ -60,12 +67,15 @@ import torch.nn.functional as F
 from ..boxes import BOX_DIM, nms_bev
 from ..config import GridConfig
 
-__all__ = ["HEAD_CHANNELS", "LOG_SIZE_LIMIT", "Detections", "check_head", "decode",
-           "window_max"]
+__all__ = ["HEAD_CHANNELS", "LOG_SIZE_LIMIT", "OPTIONAL_CHANNELS", "Detections", "axis_yaw",
+           "check_head", "decode", "window_max"]
 
 #: head key -> channels (``None``: one per class, the heatmap)
 HEAD_CHANNELS: dict[str, int | None] = {"heatmap": None, "offset": 2, "z": 1, "size": 3,
                                         "rot": 2}
+
+#: optional head key -> channels
+OPTIONAL_CHANNELS: dict[str, int] = {"axis": 2, "iou": 1}
 
 #: log sizes are clamped to +-this before exp (sizes from 4.5e-5 m to 22 km)
 LOG_SIZE_LIMIT = 10.0
@@ -149,10 +159,15 @@ def check_head(head: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int]:
     if k < 1:
         raise ValueError(f"head['heatmap'] must have one channel per class (>= 1), got shape "
                          f"{tuple(hm.shape)}")
-    for key, c in HEAD_CHANNELS.items():
+    for key, c in (HEAD_CHANNELS | {k: v for k, v in OPTIONAL_CHANNELS.items() if k in head}
+                   ).items():
         if c is None:
             continue
         t = head[key]
+        if key in OPTIONAL_CHANNELS and (not isinstance(t, torch.Tensor)
+                                         or not t.is_floating_point()):
+            raise ValueError(f"head[{key!r}] must be a floating-point tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
         if tuple(t.shape) != (n, c, ho, wo):
             raise ValueError(f"head[{key!r}] must have shape (N, {c}, Ho, Wo) = "
                              f"{(n, c, ho, wo)} like the heatmap, got {tuple(t.shape)}")
@@ -240,6 +255,15 @@ def _peaks(logits: torch.Tensor, keep: torch.Tensor, pool: int) -> tuple[torch.T
     return n[keep_peak], k[keep_peak], i[keep_peak], j[keep_peak]
 
 
+def axis_yaw(axis: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """(M,) yaw in ``[-pi, pi]``: the axis ``a = atan2(axis[:, 0], axis[:, 1]) / 2`` of ``axis``
+    (M, 2) ``(sin 2 yaw, cos 2 yaw)``, turned by pi where that brings it nearer ``direction``
+    (M,) (the ``rot`` yaw)."""
+    a = 0.5 * torch.atan2(axis[:, 0], axis[:, 1])
+    a = torch.where(torch.cos(direction - a) < 0, a + math.pi, a)
+    return torch.atan2(torch.sin(a), torch.cos(a))
+
+
 def _boxes_at(head: Mapping[str, torch.Tensor], b: int, i: torch.Tensor, j: torch.Tensor,
               grid: GridConfig, stride: int) -> torch.Tensor:
     """(M, 7) float32 boxes from the regression maps of batch item ``b`` at cells (i, j)."""
@@ -252,13 +276,16 @@ def _boxes_at(head: Mapping[str, torch.Tensor], b: int, i: torch.Tensor, j: torc
     y = grid.y_min + (j.double() + off[:, 1]) * cell
     lwh = size.clamp(-LOG_SIZE_LIMIT, LOG_SIZE_LIMIT).exp()
     yaw = torch.atan2(rot[:, 0], rot[:, 1])
+    if "axis" in head:
+        yaw = axis_yaw(at("axis"), yaw)
     return torch.cat([x[:, None], y[:, None], at("z"), lwh, yaw[:, None]], 1).float()
 
 
 @torch.no_grad()
 def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
            score_thresholds: Sequence[float], *, top_k: int = 100, nms_iou: float = 0.2,
-           active: torch.Tensor | None = None, pool: int = 3) -> list[Detections]:
+           active: torch.Tensor | None = None, pool: int = 3,
+           iou_weight: float = 0.0) -> list[Detections]:
     """Head outputs -> one :class:`Detections` per batch item (see the module docstring).
 
     Args:
@@ -274,6 +301,10 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
         active: optional (N, Ho, Wo) bool (nonzero = active): peaks in inactive cells are
             dropped.
         pool: odd window size of the peak picking (1: every cell is a peak).
+        iou_weight: ``a`` in [0, 1); for a head with ``"iou"``, the score of a cell is
+            ``sigmoid(heatmap)^(1 - a) * sigmoid(iou)^a`` (thresholds, top-K, NMS and the
+            order all use it; peaks are still those of the heatmap). 0, or no ``"iou"``: the
+            heatmap's score.
 
     Returns:
         ``N`` :class:`Detections` on the head's device, sorted by descending score. Computed
@@ -293,9 +324,15 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
         raise ValueError(f"pool must be an odd int >= 1, got {pool!r}")
     if not float(nms_iou) >= 0.0:
         raise ValueError(f"nms_iou must be >= 0 (>= 1 skips NMS), got {nms_iou!r}")
+    if not 0.0 <= float(iou_weight) < 1.0:
+        raise ValueError(f"iou_weight must be in [0, 1) (1 would leave the heatmap out), got "
+                         f"{iou_weight!r}")
 
     logits = hm.float()
     scores = torch.sigmoid(logits)
+    a = float(iou_weight)
+    if "iou" in head and a > 0:
+        scores = scores.pow(1 - a) * torch.sigmoid(head["iou"].float()).pow(a)
     keep = scores >= thr[None, :, None, None]
     if active is not None:
         keep &= _active(active, n, ho, wo, device)[:, None]

@@ -183,7 +183,12 @@ def differences(trained: ModelDescription, configured: ModelDescription) -> list
     if trained.classes != configured.classes:
         out.append(f"classes: trained {list(trained.classes)}, configured "
                    f"{list(configured.classes)}")
-    ta, ca = dict(trained.architecture), dict(configured.architecture)
+    # a key that one side leaves out means its code default (weights written before a key
+    # existed -- heading, iou_head -- were trained with its default)
+    from .network import ARCH_DEFAULTS
+
+    ta = {**ARCH_DEFAULTS, **trained.architecture}
+    ca = {**ARCH_DEFAULTS, **configured.architecture}
     out += [f"architecture.{k}: trained {ta.get(k)!r}, configured {ca.get(k)!r}"
             for k in sorted(set(ta) | set(ca)) if ta.get(k) != ca.get(k)]
     return out

@@ -12,7 +12,8 @@ Layout (defaults of :data:`ARCH_DEFAULTS`, BEV 512 x 512 x 7 at 0.2 m)::
           transposed conv -> BN -> ReLU) and concatenated                       128², 64+32
     head: shared 3x3 conv -> BN -> ReLU, sparse (stride 1), then one 1x1 conv per output:
           heatmap (one logit per class), offset (2), z (1), size (3: log l, w, h), rot (2: sin,
-          cos yaw): the format :mod:`.decode` reads, on the grid of stride ``out_stride``.
+          cos yaw), for ``heading: axis`` axis (2: sin, cos of 2 yaw), for ``iou_head: 1`` iou
+          (1): the format :mod:`.decode` reads, on the grid of stride ``out_stride``.
 
 Every layer that touches a full-resolution map is sparse: the stem, the residual stages and the
 downsampling convs run on the active tiles only (the mask is max-pooled to each stage's
@@ -38,7 +39,8 @@ from ..sparse import SparseResidualBlock, bottleneck_branch, tile_mask
 from ..sparse.strided import SparseStridedConv, downsample_branch
 from .description import ModelDescription
 
-__all__ = ["ARCH_DEFAULTS", "HEAD_OUTPUTS", "SparseBEVNet", "architecture"]
+__all__ = ["ARCH_DEFAULTS", "HEADINGS", "HEAD_OUTPUTS", "SparseBEVNet", "architecture",
+           "head_outputs"]
 
 #: The architecture sizes and their defaults (the model description may set any of them).
 ARCH_DEFAULTS: dict[str, Any] = {
@@ -50,11 +52,27 @@ ARCH_DEFAULTS: dict[str, Any] = {
     "neck_channels": 32,              # channels of each upsampled deeper stage
     "head_channels": 32,              # channels of the shared 3x3 head conv
     "heatmap_prior": 0.1,             # initial heatmap probability (bias of its 1x1 conv)
+    "heading": "sincos",              # "sincos": rot only; "axis": also the box axis (see below)
+    "iou_head": 0,                    # 1: an "iou" output, the predicted IoU of the cell's box
 }
+#: heading encodings: ``sincos`` regresses ``(sin yaw, cos yaw)`` only; ``axis`` adds the output
+#: ``axis`` = ``(sin 2 yaw, cos 2 yaw)``, the box's axis, the same for yaw and yaw + pi (a box's
+#: footprint does not change when it turns round), so that a network torn between a car's front
+#: and back still regresses a tight footprint; ``rot`` then only picks the direction
+#: (:mod:`.decode`).
+HEADINGS = ("sincos", "axis")
 #: the smallest tile of a deeper stage (see SparseBEVNet)
 MIN_TILE = 4
 #: output name -> channels (``heatmap`` has one channel per class)
 HEAD_OUTPUTS = {"heatmap": None, "offset": 2, "z": 1, "size": 3, "rot": 2}
+
+
+def head_outputs(arch: Mapping[str, Any]) -> dict[str, int | None]:
+    """The head's outputs for an :func:`architecture`: :data:`HEAD_OUTPUTS`, plus ``axis`` (2)
+    for ``heading: axis`` and ``iou`` (1: a logit, the predicted BEV IoU of the box decoded at
+    the cell with its object; :mod:`.decode` rescores with it) for ``iou_head: 1``."""
+    return {**HEAD_OUTPUTS, **({"axis": 2} if arch.get("heading") == "axis" else {}),
+            **({"iou": 1} if arch.get("iou_head") else {})}
 
 
 def architecture(description: ModelDescription) -> dict[str, Any]:
@@ -75,6 +93,12 @@ def architecture(description: ModelDescription) -> dict[str, Any]:
                          f"< {n}, got {arch}")
     if arch["stem_stride"] not in (1, 2):
         raise ValueError(f"architecture.stem_stride must be 1 or 2, got {arch['stem_stride']}")
+    if arch["iou_head"] not in (0, 1):
+        raise ValueError(f"model description '{description.source}': architecture.iou_head must "
+                         f"be 0 or 1, got {arch['iou_head']!r}")
+    if arch["heading"] not in HEADINGS:
+        raise ValueError(f"model description '{description.source}': architecture.heading must "
+                         f"be one of {', '.join(HEADINGS)}, got {arch['heading']!r}")
     return arch
 
 
@@ -125,7 +149,7 @@ class SparseBEVNet(nn.Module):
             nn.BatchNorm2d(arch["head_channels"]), nn.ReLU(inplace=True)), cfg[h])
         self.outputs = nn.ModuleDict({
             name: nn.Conv2d(arch["head_channels"], c or len(self.classes), 1)
-            for name, c in HEAD_OUTPUTS.items()})
+            for name, c in head_outputs(arch).items()})
         prior = float(arch["heatmap_prior"])
         nn.init.constant_(self.outputs["heatmap"].bias, float(torch.logit(torch.tensor(prior))))
 

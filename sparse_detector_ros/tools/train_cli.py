@@ -9,6 +9,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="folder for checkpoints, log and weights")
     parser.add_argument("--model", default="",
                         help="model description to train (default: the shipped one)")
+    parser.add_argument("--heading", choices=("sincos", "axis"), default=None,
+                        help="heading encoding of the head (model/network.py HEADINGS; default: "
+                             "the description's)")
+    parser.add_argument("--iou-head", type=int, choices=(0, 1), default=None,
+                        help="1: the head also predicts its boxes' IoU (rescores detections); "
+                             "default: the description's")
+    parser.add_argument("--iou-loss-weight", type=float, default=1.0,
+                        help="weight of the IoU branch's loss (models with iou_head: 1)")
     parser.add_argument("--steps", type=int, default=6000, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=4, help="crops per step and process")
     parser.add_argument("--crop", type=int, default=256, help="crop side in cells")

@@ -7,7 +7,8 @@ the head format written down in :mod:`sparse_detector_ros.model.decode` (output 
 extent ``[x_min, x_max) x [y_min, y_max)``::
 
     fx = (x - x_min) / (S * resolution),  i = floor(fx),  dx = fx - i      (same for y: j, dy)
-    offset = (dx, dy),  z = z,  size = (log l, log w, log h),  rot = (sin yaw, cos yaw)
+    offset = (dx, dy),  z = z,  size = (log l, log w, log h),  rot = (sin yaw, cos yaw),
+    axis = (sin 2 yaw, cos 2 yaw)
 
 written at the centre cell ``(i, j)``; decoding that cell gives the box back (to float32
 rounding). Boxes whose centre lies outside the BEV extent are dropped (a box partly outside
@@ -40,11 +41,11 @@ import torch.nn.functional as F
 from ..boxes import BOX_DIM
 from ..config import GridConfig
 
-__all__ = ["REG_KEYS", "MIN_OVERLAP", "gaussian_radius", "output_shape", "encode",
+__all__ = ["REG_KEYS", "MIN_OVERLAP", "gaussian_radius", "output_shape", "encode", "iou_loss",
            "encode_batch", "focal_loss", "reg_loss"]
 
 #: the regression maps of the head (the keys of :mod:`..model.decode` besides ``heatmap``)
-REG_KEYS: dict[str, int] = {"offset": 2, "z": 1, "size": 3, "rot": 2}
+REG_KEYS: dict[str, int] = {"offset": 2, "z": 1, "size": 3, "rot": 2, "axis": 2}
 #: CenterPoint's minimum overlap for the Gaussian radius
 MIN_OVERLAP = 0.1
 
@@ -192,6 +193,8 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
         reg["size"][:, i, j] = np.log(b[:, 3:6]).T
         reg["rot"][0, i, j] = np.sin(b[:, 6])
         reg["rot"][1, i, j] = np.cos(b[:, 6])
+        reg["axis"][0, i, j] = np.sin(2 * b[:, 6])
+        reg["axis"][1, i, j] = np.cos(2 * b[:, 6])
         mask[i, j] = 1.0
     out = {"heatmap": torch.from_numpy(heatmap)}
     out.update({key: torch.from_numpy(v) for key, v in reg.items()})
@@ -279,3 +282,44 @@ def reg_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
         err = err * w
     return err.sum() / max(int(sel.sum()), 1)
 
+
+
+def _cell_boxes(maps, sel: torch.Tensor, cell: float) -> torch.Tensor:
+    """(M, 7) float64 footprints decoded from the regression maps at the cells ``sel`` (N, Ho,
+    Wo) bool, relative to the grid's corner (x, y in metres; z = 0, h = 1: only the footprint
+    counts); the yaw as :mod:`..model.decode` reads it (the axis turned towards ``rot`` when the
+    maps have an ``axis``)."""
+    from ..model.decode import LOG_SIZE_LIMIT, axis_yaw
+
+    _, i, j = sel.nonzero(as_tuple=True)
+
+    def at(key: str) -> torch.Tensor:
+        return maps[key].permute(0, 2, 3, 1)[sel].double()
+
+    off, size, rot = at("offset"), at("size"), at("rot")
+    yaw = torch.atan2(rot[:, 0], rot[:, 1])
+    if "axis" in maps:
+        yaw = axis_yaw(at("axis"), yaw)
+    lw = size[:, :2].clamp(-LOG_SIZE_LIMIT, LOG_SIZE_LIMIT).exp()
+    zero, one = torch.zeros_like(yaw), torch.ones_like(yaw)
+    return torch.stack([(i + off[:, 0]) * cell, (j + off[:, 1]) * cell, zero, lw[:, 0],
+                        lw[:, 1], one, yaw], 1)
+
+
+def iou_loss(head, targets, mask: torch.Tensor, cell: float) -> torch.Tensor:
+    """The IoU branch's loss, a scalar: binary cross-entropy of ``head["iou"]`` (N, 1, Ho, Wo)
+    logits against the BEV IoU of the box the head decodes at each centre cell (``mask`` (N, Ho,
+    Wo) nonzero) with the target's box there (:func:`encode`), a soft target in [0, 1] computed
+    without gradient; summed over the cells and divided by their number (at least 1).
+    ``cell``: the output cell's size in metres (stride x resolution)."""
+    from ..boxes import bev_iou_pairs
+
+    sel = mask != 0
+    logit = head["iou"][:, 0][sel].float()
+    if len(logit) == 0:
+        return head["iou"].sum() * 0.0
+    with torch.no_grad():
+        pred = _cell_boxes({k: v.detach() for k, v in head.items()}, sel, cell)
+        want = _cell_boxes({k: targets[k] for k in ("offset", "size", "rot")}, sel, cell)
+        q = bev_iou_pairs(pred, want).to(logit)
+    return F.binary_cross_entropy_with_logits(logit, q, reduction="sum") / len(logit)

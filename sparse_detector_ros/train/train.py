@@ -11,8 +11,11 @@ One step (:func:`train_step`):
    the active tiles), so what runs at inference -- objects near the edge of the active tiles
    included -- is what is trained;
 3. the network on it; CenterPoint targets on the crop's grid (:mod:`.targets`); the focal loss
-   on the heatmap and L1 on offset, z, log size and sin/cos yaw, both restricted to the head's
+   on the heatmap and L1 on offset, z, log size, sin/cos yaw (and the axis, sin/cos 2 yaw, for
+   models with ``heading: axis``), both restricted to the head's
    active cells (outside them nothing is computed at inference);
+   For models with ``iou_head: 1``, the IoU branch learns the BEV IoU of the box decoded at
+   each centre cell with its object (:func:`.targets.iou_loss`, weight ``--iou-loss-weight``);
 4. the mask net (:class:`~sparse_detector_ros.masks.MaskNet`) on the same BEV, against
    :func:`~sparse_detector_ros.masks.net_target` (cells near objects), with a binary
    cross-entropy whose positives weigh ``--mask-pos-weight`` times more: recall first;
@@ -51,9 +54,9 @@ from ..model.description import ModelDescription, load_description, save_checkpo
 from ..model.network import architecture, load_state
 from ..pipeline import build_modules
 from .data import CachedBEVDataset, collate
-from .targets import encode_batch, focal_loss, reg_loss
+from .targets import encode_batch, focal_loss, iou_loss, reg_loss
 
-REG_KEYS = ("offset", "z", "size", "rot")
+REG_KEYS = ("offset", "z", "size", "rot", "axis")
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -119,15 +122,23 @@ def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: 
     logits = torch.where(active[:, None], head["heatmap"], torch.full_like(head["heatmap"], -30))
     out = {"heatmap": focal_loss(logits, t["heatmap"] * act[:, None])}
     reg_mask = t["mask"] * act
-    # the heading's L1 term may weigh more (--rot-weight): boxes must be tight at IoU 0.7
-    weight = {"rot": getattr(args, "rot_weight", 1.0)}
-    out["reg"] = sum(weight.get(k, 1.0) * reg_loss(head[k], t[k], reg_mask) for k in REG_KEYS)
+    # the heading's L1 terms may weigh more (--rot-weight): boxes must be tight at IoU 0.7;
+    # "axis" only for models with heading: axis (model/network.py)
+    rot_weight = getattr(args, "rot_weight", 1.0)
+    weight = {"rot": rot_weight, "axis": rot_weight}
+    out["reg"] = sum(weight.get(k, 1.0) * reg_loss(head[k], t[k], reg_mask)
+                     for k in REG_KEYS if k in head)
+    if "iou" in head:       # models with iou_head: 1 (model/network.py)
+        cell = stride * float(batch["grid"][0].resolution)
+        out["iou"] = iou_loss(head, t, reg_mask, cell)
     logits_m = mask_net(bev)
     pos_w = torch.tensor(args.mask_pos_weight, dtype=logits_m.dtype)
     out["mask_net"] = F.binary_cross_entropy_with_logits(logits_m[:, 0], target_m,
                                                          pos_weight=pos_w)
     out["total"] = (out["heatmap"] + args.reg_weight * out["reg"]
                     + args.mask_weight * out["mask_net"])
+    if "iou" in out:
+        out["total"] = out["total"] + getattr(args, "iou_loss_weight", 1.0) * out["iou"]
     return out
 
 
@@ -168,6 +179,10 @@ def run(args) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     model = load_description(args.model)
+    if getattr(args, "heading", None):
+        model = replace(model, architecture={**model.architecture, "heading": args.heading})
+    if getattr(args, "iou_head", None) is not None:
+        model = replace(model, architecture={**model.architecture, "iou_head": args.iou_head})
     config = Config()
     ds = CachedBEVDataset(args.cache, crop=args.crop, classes=model.classes)
     if ds.grid != model.grid:
