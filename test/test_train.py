@@ -145,6 +145,20 @@ def test_axis_and_iou_options_add_their_loss_terms_and_reach_the_weights(tiny):
     assert det.trained and {"axis", "iou"} <= set(det.net.outputs)
 
 
+def test_tile_size_option_sets_the_tiles_of_the_masked_passes(tiny):
+    from sparse_detector_ros.config import ConfigError
+    from sparse_detector_ros.pipeline import build_modules
+    from sparse_detector_ros.train.train import training_config
+
+    assert training_config(args_for(tiny, "t")).sparse.tile_size == SparseConfig().tile_size
+    config = training_config(args_for(tiny, "t", tile_size=8))
+    assert config.sparse.tile_size == 8
+    desc = load_description(tiny / "model.yaml")
+    assert build_modules(desc, config)["net"].tiles[0] == 8
+    with pytest.raises(ConfigError, match="sparse.tile_size"):
+        training_config(args_for(tiny, "t", tile_size=2))
+
+
 def test_resume_continues_from_the_checkpoint(tiny):
     out = tiny / "resume"
     assert train_cli.run(args_for(tiny, "resume", steps=20, save_every=5, max_minutes=0)) == 0

@@ -17,6 +17,9 @@ def add_arguments(parser) -> None:
                              "default: the description's")
     parser.add_argument("--iou-loss-weight", type=float, default=1.0,
                         help="weight of the IoU branch's loss (models with iou_head: 1)")
+    parser.add_argument("--tile-size", type=int, default=None,
+                        help="sparse.tile_size of the masked passes (default: the runtime "
+                             "default, 16); train at the tile size the node will run")
     parser.add_argument("--steps", type=int, default=6000, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=4, help="crops per step and process")
     parser.add_argument("--crop", type=int, default=256, help="crop side in cells")

@@ -155,6 +155,14 @@ class TrainModel(torch.nn.Module):
         return losses(self.inner, batch, self.stride, self.num_classes, kind, self.args)
 
 
+def training_config(args) -> Config:
+    """The runtime configuration the modules are built with: the defaults, with ``--tile-size``
+    as ``sparse.tile_size`` (in ``train()`` mode a sparse pass multiplies by the tile mask, so
+    the tiles trained on are those of this size: train at the tile size the node will run)."""
+    tile = getattr(args, "tile_size", None)
+    return Config.from_flat({"sparse.tile_size": tile}) if tile else Config()
+
+
 def filter_points(batch: dict[str, Any], min_points: int) -> dict[str, Any]:
     keep = [n >= min_points for n in batch["num_points"]]
     return {**batch, "boxes": [b[k] for b, k in zip(batch["boxes"], keep)],
@@ -183,7 +191,7 @@ def run(args) -> int:
         model = replace(model, architecture={**model.architecture, "heading": args.heading})
     if getattr(args, "iou_head", None) is not None:
         model = replace(model, architecture={**model.architecture, "iou_head": args.iou_head})
-    config = Config()
+    config = training_config(args)
     ds = CachedBEVDataset(args.cache, crop=args.crop, classes=model.classes)
     if ds.grid != model.grid:
         raise SystemExit(f"train: the cache's grid {ds.grid} is not the model's grid "
