@@ -68,7 +68,7 @@ def random_boxes(grid: GridConfig, stride: int, n: int, rng) -> tuple[np.ndarray
     return np.asarray(boxes, np.float32), np.asarray(labels, np.int64)
 
 
-def assert_round_trip(boxes, labels, grid, stride, axis):
+def assert_round_trip(boxes, labels, grid, stride, axis=True):
     t = encode(boxes, labels, grid, stride, 3)
     det = decode(head_of(t, axis=axis), grid, stride, [0.5] * 3, top_k=10_000, nms_iou=1.0)[0]
     got, _, got_labels = det.numpy()
