@@ -25,3 +25,29 @@ def test_shipped_weights_find_the_cars_of_a_fixed_scan():
     dist = np.hypot(cars[:, None, 0] - found[None, :, 0], cars[:, None, 1] - found[None, :, 1])
     hit = dist.min(1) < 1.0
     assert hit.mean() >= 0.6, (int(hit.sum()), len(cars))
+
+
+def test_shipped_model_has_the_axis_and_iou_outputs_and_iou_weight_rescores():
+    from dataclasses import replace
+
+    model = load_description()
+    assert model.architecture["heading"] == "axis" and model.architecture["iou_head"] == 1
+    frame = render_frame(generate_scene(seeds("eval", 1, offset=100)[0], duration=0.5),
+                         get_lidar("hdl64e"), 0)
+    points = frame.points[:, :4].astype(np.float32)
+    base = Config()
+    assert base.detector.iou_weight > 0
+    plain = replace(base, detector=replace(base.detector, iou_weight=0.0,
+                                           score_thresholds=(0.05,)))
+    rescored = replace(plain, detector=replace(plain.detector, iou_weight=0.5))
+    a = Detector(plain, model).detect(points).detections
+    b = Detector(rescored, model).detect(points).detections
+    # the same boxes (the peaks do not depend on the weight), other scores
+    ab, bb = a.boxes.numpy(), b.boxes.numpy()
+    d = np.hypot(ab[:, None, 0] - bb[None, :, 0], ab[:, None, 1] - bb[None, :, 1])
+    same = d.min(1) < 1e-4
+    assert same.sum() >= 5
+    sa = a.scores.numpy()[same]
+    sb = b.scores.numpy()[d.argmin(1)[same]]
+    assert np.abs(sa - sb).max() > 0.05
+    assert ((sb > 0) & (sb < 1)).all()
