@@ -83,13 +83,15 @@ def test_tiny_model_overfits_a_few_frames_and_finds_their_boxes(tiny):
     assert total >= 2 and found >= 0.8 * total, (found, total)
 
 
-def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
+def losses_at_rot_weights(tiny, desc):
+    """The loss terms of two cached frames for ``desc`` (seeded weights, a dense pass) at
+    ``--rot-weight`` 1 and 3, with the dense head, its targets, the centre cells' mask and the
+    stride: what the loss tests below compare."""
     from sparse_detector_ros.pipeline import build_modules
     from sparse_detector_ros.train.data import collate
-    from sparse_detector_ros.train.targets import encode_batch, reg_loss
+    from sparse_detector_ros.train.targets import encode_batch
     from sparse_detector_ros.train.train import losses
 
-    desc = load_description(tiny / "model.yaml")
     torch.manual_seed(0)
     modules = build_modules(desc, Config())
     ds = CachedBEVDataset(tiny / "cache", crop=None)
@@ -100,39 +102,33 @@ def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
         three = losses(modules, batch, stride, 3, "dense", args_for(tiny, "w3", rot_weight=3.0))
         dense = torch.ones_like(batch["mask"], dtype=torch.float32)
         head, active = modules["net"](batch["bev"], dense)
-        t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
-        rot = reg_loss(head["rot"], t["rot"], t["mask"] * active.float())
+    t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
+    return one, three, head, t, t["mask"] * active.float(), stride
+
+
+def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
+    from sparse_detector_ros.train.targets import reg_loss
+
+    one, three, head, t, m, _ = losses_at_rot_weights(tiny, load_description(tiny / "model.yaml"))
+    rot = reg_loss(head["rot"], t["rot"], m)
     assert rot > 0
     torch.testing.assert_close(three["reg"] - one["reg"], 2 * rot, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(three["heatmap"], one["heatmap"])
 
 
 def test_axis_and_iou_options_add_their_loss_terms_and_reach_the_weights(tiny):
-    from sparse_detector_ros.pipeline import build_modules
-    from sparse_detector_ros.train.data import collate
-    from sparse_detector_ros.train.targets import encode_batch, iou_loss, reg_loss
-    from sparse_detector_ros.train.train import losses
+    from sparse_detector_ros.train.targets import iou_loss, reg_loss
 
     base = load_description(tiny / "model.yaml")
     desc = replace(base, architecture={**base.architecture, "heading": "axis", "iou_head": 1})
-    torch.manual_seed(0)
-    modules = build_modules(desc, Config())
-    ds = CachedBEVDataset(tiny / "cache", crop=None)
-    batch = collate([ds[0], ds[1]])
-    stride = modules["net"].out_stride
+    one, three, head, t, m, stride = losses_at_rot_weights(tiny, desc)
+    heading = reg_loss(head["rot"], t["rot"], m) + reg_loss(head["axis"], t["axis"], m)
     with torch.no_grad():
-        one = losses(modules, batch, stride, 3, "dense", args_for(tiny, "a1"))
-        three = losses(modules, batch, stride, 3, "dense", args_for(tiny, "a3", rot_weight=3.0))
-        dense = torch.ones_like(batch["mask"], dtype=torch.float32)
-        head, active = modules["net"](batch["bev"], dense)
-        t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
-        m = t["mask"] * active.float()
-        heading = reg_loss(head["rot"], t["rot"], m) + reg_loss(head["axis"], t["axis"], m)
         iou = iou_loss(head, t, m, stride * GRID.resolution)
     # the rot weight scales the direction and the axis; the IoU term joins the total
     torch.testing.assert_close(three["reg"] - one["reg"], 2 * heading, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(one["iou"], iou)
-    args = args_for(tiny, "a1")
+    args = args_for(tiny, "w1")
     torch.testing.assert_close(one["total"], one["heatmap"] + args.reg_weight * one["reg"]
                                + args.mask_weight * one["mask_net"] + one["iou"])
     # the command-line options reach the trained weights' description
