@@ -185,6 +185,62 @@ def test_encode_batch_stacks_samples_with_their_own_grids():
     assert [len(d) for d in dets] == [10, 7]
 
 
+def test_reg_radius_writes_each_box_around_its_centre_so_a_peak_off_centre_decodes_it():
+    g = ASYM
+    a = np.array([[5.3, 0.1, -1.0, 4.5, 1.9, 1.6, 0.1]], np.float32)
+    t = encode(a, [0], g, 4, 3, reg_radius=1)
+    assert torch.equal(encode(a, [0], g, 4, 3)["mask"] > 0, t["mask"] == 1.0)   # the centre
+    cells = torch.nonzero(t["mask"]).tolist()
+    assert len(cells) == 9
+    hm = t["heatmap"][0]
+    for i, j in cells:
+        # the loss weight of a cell is the object's heatmap value there
+        assert float(t["mask"][i, j]) == pytest.approx(float(hm[i, j]))
+        # a peak at any of the nine cells decodes the box
+        head = head_of(t)
+        head["heatmap"] = torch.full_like(head["heatmap"], -20.0)
+        head["heatmap"][0, 0, i, j] = 20.0
+        got = decode(head, g, 4, [0.5] * 3, nms_iou=1.0)[0].numpy()[0]
+        np.testing.assert_allclose(got, a, rtol=1e-6, atol=1e-5)
+    # without it a peak one cell off decodes a box at that cell with zero size targets
+    t0 = encode(a, [0], g, 4, 3)
+    assert int((t0["mask"] > 0).sum()) == 1
+
+
+def test_reg_radius_cells_take_the_nearest_centre_and_centres_keep_their_own():
+    g = ASYM
+    # two cars two output cells (1 m each) apart along x: their 3 x 3 windows share a row
+    a = np.array([[5.3, 0.1, -1.0, 4.5, 1.9, 1.6, 0.1],
+                  [7.1, 0.1, -0.5, 4.0, 1.8, 1.5, 0.2]], np.float32)
+    t = encode(a, [0, 0], g, 4, 3, reg_radius=1)
+    fx = (a[:, 0] - g.x_min) / 1.0
+    ci = np.floor(fx).astype(int)
+    assert ci[1] - ci[0] == 2
+    mid = ci[0] + 1            # the shared row's centre is 1.2 cells from the first, 0.6 from
+    j = int(np.floor((0.1 - g.y_min) / 1.0))    # the second: the second's
+    assert float(t["offset"][0, mid, j]) == pytest.approx(fx[1] - mid, abs=1e-5)
+    assert float(t["z"][0, mid, j]) == pytest.approx(-0.5)
+    # the centre cells' targets are their own boxes'
+    assert float(t["offset"][0, ci[0], j]) == pytest.approx(fx[0] - ci[0], abs=1e-5)
+    assert float(t["offset"][0, ci[1], j]) == pytest.approx(fx[1] - ci[1], abs=1e-5)
+    assert float(t["mask"][ci[0], j]) == float(t["mask"][ci[1], j]) == 1.0
+    assert int((t["mask"] > 0).sum()) == 15
+
+
+def test_reg_loss_weighs_each_cell_by_the_mask():
+    rng = np.random.default_rng(6)
+    boxes, labels = random_boxes(ASYM, 4, 5, rng)
+    t = encode_batch([boxes], [labels], ASYM, 4, 3, reg_radius=1)
+    mask = t["mask"]
+    assert 0.0 < float(mask[mask > 0].min()) < 1.0
+    # off by 1 on one neighbour cell of weight m only: m / (sum of the weights)
+    n, i, j = (int(v) for v in torch.nonzero((mask > 0) & (mask < 1))[0])
+    pred = t["z"].clone()
+    pred[n, 0, i, j] += 1.0
+    m = float(mask[n, i, j])
+    assert float(reg_loss(pred, t["z"], mask)) == pytest.approx(m / float(mask.sum()))
+
+
 @pytest.mark.parametrize("boxes, labels, message", [
     (np.zeros((2, 6)), [0, 0], "boxes must have shape"),
     (np.ones((2, 7)), [0], "labels must have shape"),
@@ -195,6 +251,12 @@ def test_encode_batch_stacks_samples_with_their_own_grids():
 def test_encode_rejects_bad_input(boxes, labels, message):
     with pytest.raises(ValueError, match=message):
         encode(boxes, labels, ASYM, 4, 3)
+
+
+@pytest.mark.parametrize("reg_radius", [-1, 1.5, True])
+def test_encode_rejects_a_bad_reg_radius(reg_radius):
+    with pytest.raises(ValueError, match="reg_radius must be an int >= 0"):
+        encode(np.zeros((0, 7)), [], ASYM, 4, 3, reg_radius=reg_radius)
 
 
 def test_iou_loss_targets_the_iou_of_the_decoded_box_with_its_object():

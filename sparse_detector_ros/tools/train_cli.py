@@ -31,6 +31,10 @@ def add_arguments(parser) -> None:
                         help="share of passes under the objects' own mask (as tight as the net "
                              "mask); the rest uses the occupancy mask")
     parser.add_argument("--reg-weight", type=float, default=2.0, help="weight of the L1 loss")
+    parser.add_argument("--reg-radius", type=int, default=0,
+                        help="also train the box regression at the cells within this many "
+                             "output cells of each centre (a peak one cell off still decodes "
+                             "its object's box; train/targets.py); 0: centre cells only")
     parser.add_argument("--rot-weight", type=float, default=1.0,
                         help="weight of the heading (sin, cos) within the L1 loss")
     parser.add_argument("--mask-weight", type=float, default=1.0,

@@ -26,6 +26,14 @@ overlap 0.1 as in CenterPoint).
 Several objects in one centre cell: each paints its class's heatmap; the first of them (in
 input order) gives the regression target of the cell.
 
+Regression around the centre (``reg_radius`` ``R`` > 0): the regression targets are also
+written at the cells ``(i + a, j + b)``, ``|a|, |b| <= R``, around each centre cell, with the
+offset measured from that cell (``dx = fx - (i + a)``, so outside [0, 1)): a heatmap peak one
+cell off the centre then still decodes the object's box, not an untrained one. A cell near
+several objects takes the one whose centre is nearest; a centre cell always keeps its own. The
+loss weighs such a cell by the object's heatmap value there (the centre cell by 1.0), so a
+cell that is likelier to be the peak counts more.
+
 Losses: :func:`focal_loss` (penalty-reduced focal loss of CenterNet on the heatmap logits) and
 :func:`reg_loss` (L1 on the regression maps at the centre cells), both normalised by the number
 of objects.
@@ -110,7 +118,8 @@ def _gaussian(radius: int) -> np.ndarray:
 
 
 def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
-           min_radius: int = 2, min_overlap: float = MIN_OVERLAP) -> dict[str, torch.Tensor]:
+           min_radius: int = 2, min_overlap: float = MIN_OVERLAP,
+           reg_radius: int = 0) -> dict[str, torch.Tensor]:
     """Targets of one sample (see the module docstring).
 
     Args:
@@ -122,12 +131,16 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
         num_classes: heatmap channels ``K``.
         min_radius: smallest Gaussian radius, in output cells.
         min_overlap: overlap of :func:`gaussian_radius`.
+        reg_radius: also write the regression targets at the cells within this many cells of
+            each centre cell (see the module docstring; 0: centre cells only).
 
     Returns:
         dict of float32 tensors on the CPU, ``Ho, Wo`` from :func:`output_shape`:
         ``heatmap (num_classes, Ho, Wo)``, ``offset (2, Ho, Wo)``, ``z (1, Ho, Wo)``,
-        ``size (3, Ho, Wo)``, ``rot (2, Ho, Wo)`` (0 away from centre cells) and ``mask
-        (Ho, Wo)`` (1.0 on the centre cells that hold a regression target, else 0.0).
+        ``size (3, Ho, Wo)``, ``rot (2, Ho, Wo)``, ``axis (2, Ho, Wo)`` (0 away from the
+        cells with a target) and ``mask (Ho, Wo)``, the regression weight: 1.0 on the centre
+        cells, the object's heatmap value on the other cells with a target (``reg_radius``),
+        else 0.0.
 
     Raises:
         ValueError naming the argument that is wrong.
@@ -137,6 +150,9 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if not isinstance(min_radius, (int, np.integer)) or min_radius < 0:
         raise ValueError(f"min_radius must be an int >= 0, got {min_radius!r}")
+    if (not isinstance(reg_radius, (int, np.integer)) or isinstance(reg_radius, bool)
+            or reg_radius < 0):
+        raise ValueError(f"reg_radius must be an int >= 0, got {reg_radius!r}")
     b = _as_numpy(boxes, np.float64, "boxes")
     if b.size == 0:
         b = b.reshape(0, BOX_DIM)
@@ -183,18 +199,33 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
             j0, j1 = max(cj - r, 0), min(cj + r + 1, wo)
             win = heatmap[lab[k], i0:i1, j0:j1]
             np.maximum(win, g[i0 - ci + r:i1 - ci + r, j0 - cj + r:j1 - cj + r], out=win)
+        if reg_radius:
+            # the cells around the centres: each takes the object whose centre is nearest
+            # (the centre cells, written below, keep their own object)
+            near = np.full((ho, wo), np.inf)
+            owner = np.full((ho, wo), -1, np.int64)
+            weight = np.zeros((ho, wo), np.float32)
+            for k in range(len(b)):
+                ci, cj, r = int(i[k]), int(j[k]), int(radius[k])
+                i0, i1 = max(ci - reg_radius, 0), min(ci + reg_radius + 1, ho)
+                j0, j1 = max(cj - reg_radius, 0), min(cj + reg_radius + 1, wo)
+                ii, jj = np.mgrid[i0:i1, j0:j1]
+                d = (ii + 0.5 - fx[k]) ** 2 + (jj + 0.5 - fy[k]) ** 2
+                take = d < near[i0:i1, j0:j1]
+                near[i0:i1, j0:j1][take] = d[take]
+                owner[i0:i1, j0:j1][take] = k
+                sigma = (2 * r + 1) / 6.0
+                g = np.exp(-((ii - ci) ** 2 + (jj - cj) ** 2) / (2.0 * sigma * sigma))
+                weight[i0:i1, j0:j1][take] = g[take]
+            ni, nj = np.nonzero(owner >= 0)
+            k = owner[ni, nj]
+            _write_reg(reg, ni, nj, b[k], fx[k], fy[k])
+            mask[ni, nj] = weight[ni, nj]
         # regression: the first object of each centre cell
         flat = i * wo + j
         _, first = np.unique(flat, return_index=True)
         i, j, b, fx, fy = i[first], j[first], b[first], fx[first], fy[first]
-        reg["offset"][0, i, j] = fx - i
-        reg["offset"][1, i, j] = fy - j
-        reg["z"][0, i, j] = b[:, 2]
-        reg["size"][:, i, j] = np.log(b[:, 3:6]).T
-        reg["rot"][0, i, j] = np.sin(b[:, 6])
-        reg["rot"][1, i, j] = np.cos(b[:, 6])
-        reg["axis"][0, i, j] = np.sin(2 * b[:, 6])
-        reg["axis"][1, i, j] = np.cos(2 * b[:, 6])
+        _write_reg(reg, i, j, b, fx, fy)
         mask[i, j] = 1.0
     out = {"heatmap": torch.from_numpy(heatmap)}
     out.update({key: torch.from_numpy(v) for key, v in reg.items()})
@@ -202,9 +233,24 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
     return out
 
 
+def _write_reg(reg: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, b: np.ndarray,
+               fx: np.ndarray, fy: np.ndarray) -> None:
+    """The regression targets of boxes ``b`` at the cells ``(i, j)`` (``fx, fy``: the boxes'
+    centres in output cells)."""
+    reg["offset"][0, i, j] = fx - i
+    reg["offset"][1, i, j] = fy - j
+    reg["z"][0, i, j] = b[:, 2]
+    reg["size"][:, i, j] = np.log(b[:, 3:6]).T
+    reg["rot"][0, i, j] = np.sin(b[:, 6])
+    reg["rot"][1, i, j] = np.cos(b[:, 6])
+    reg["axis"][0, i, j] = np.sin(2 * b[:, 6])
+    reg["axis"][1, i, j] = np.cos(2 * b[:, 6])
+
+
 def encode_batch(boxes: Sequence, labels: Sequence, grid: GridConfig | Sequence[GridConfig],
                  stride: int, num_classes: int, min_radius: int = 2,
-                 min_overlap: float = MIN_OVERLAP) -> dict[str, torch.Tensor]:
+                 min_overlap: float = MIN_OVERLAP, reg_radius: int = 0
+                 ) -> dict[str, torch.Tensor]:
     """:func:`encode` of ``N`` samples, stacked: the same keys with a leading batch dimension
     (``heatmap (N, K, Ho, Wo)``, ..., ``mask (N, Ho, Wo)``).
 
@@ -221,7 +267,7 @@ def encode_batch(boxes: Sequence, labels: Sequence, grid: GridConfig | Sequence[
     if len(shapes) != 1:
         raise ValueError(f"the samples' grids give different output shapes {sorted(shapes)}: "
                          "a batch needs one shape")
-    parts = [encode(b, lab, g, stride, num_classes, min_radius, min_overlap)
+    parts = [encode(b, lab, g, stride, num_classes, min_radius, min_overlap, reg_radius)
              for b, lab, g in zip(boxes, labels, grids)]
     return {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
 
@@ -255,13 +301,14 @@ def focal_loss(pred_logits: torch.Tensor, target_heatmap: torch.Tensor) -> torch
 
 def reg_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
              weights: Sequence[float] | None = None) -> torch.Tensor:
-    """L1 regression loss on the centre cells, a scalar.
+    """L1 regression loss on the cells with a target, a scalar.
 
-    ``pred``, ``target``: ``(N, C, Ho, Wo)``; ``mask``: ``(N, Ho, Wo)`` (nonzero = centre cell
-    with a target); ``weights``: optional ``C`` channel weights. Returns
-    ``sum over masked cells and channels of weight_c * |pred - target|`` divided by the number
-    of masked cells (at least 1): the per-object L1 summed over channels, CenterPoint's
-    normalisation. Cells outside the mask do not contribute (not even a NaN there).
+    ``pred``, ``target``: ``(N, C, Ho, Wo)``; ``mask``: ``(N, Ho, Wo)``, each cell's weight
+    (:func:`encode`: 1.0 on centre cells, 0 where there is no target); ``weights``: optional
+    ``C`` channel weights. Returns ``sum over cells and channels of mask * weight_c * |pred -
+    target|`` divided by the sum of the mask (at least 1): with a 0/1 mask, the per-object L1
+    summed over channels, CenterPoint's normalisation. Cells outside the mask do not
+    contribute (not even a NaN there).
     """
     if pred.shape != target.shape or pred.dim() != 4:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have "
@@ -273,14 +320,15 @@ def reg_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     sel = mask != 0
     p = pred.permute(0, 2, 3, 1)[sel].float()                # (M, C)
     t = target.permute(0, 2, 3, 1)[sel].to(p)
-    err = (p - t).abs()
+    cw = mask[sel].to(p)
+    err = (p - t).abs() * cw[:, None]
     if weights is not None:
         w = torch.as_tensor(weights, dtype=p.dtype, device=p.device)
         if w.shape != (c,):
             raise ValueError(f"weights must have {c} values (one per channel), got "
                              f"{tuple(w.shape)}")
         err = err * w
-    return err.sum() / max(int(sel.sum()), 1)
+    return err.sum() / cw.sum().clamp(min=1.0)
 
 
 
@@ -308,9 +356,10 @@ def _cell_boxes(maps, sel: torch.Tensor, cell: float) -> torch.Tensor:
 
 def iou_loss(head, targets, mask: torch.Tensor, cell: float) -> torch.Tensor:
     """The IoU branch's loss, a scalar: binary cross-entropy of ``head["iou"]`` (N, 1, Ho, Wo)
-    logits against the BEV IoU of the box the head decodes at each centre cell (``mask`` (N, Ho,
-    Wo) nonzero) with the target's box there (:func:`encode`), a soft target in [0, 1] computed
-    without gradient; summed over the cells and divided by their number (at least 1).
+    logits against the BEV IoU of the box the head decodes at each cell with a target (``mask``
+    (N, Ho, Wo), the cells' weights as in :func:`reg_loss`) with the target's box there
+    (:func:`encode`), a soft target in [0, 1] computed without gradient; the weighted sum over
+    the cells divided by the sum of the weights (at least 1).
     ``cell``: the output cell's size in metres (stride x resolution)."""
     from ..boxes import bev_iou_pairs
 
@@ -322,4 +371,6 @@ def iou_loss(head, targets, mask: torch.Tensor, cell: float) -> torch.Tensor:
         pred = _cell_boxes({k: v.detach() for k, v in head.items()}, sel, cell)
         want = _cell_boxes({k: targets[k] for k in ("offset", "size", "rot")}, sel, cell)
         q = bev_iou_pairs(pred, want).to(logit)
-    return F.binary_cross_entropy_with_logits(logit, q, reduction="sum") / len(logit)
+    w = mask[sel].to(logit)
+    return (F.binary_cross_entropy_with_logits(logit, q, reduction="none") * w).sum() \
+        / w.sum().clamp(min=1.0)

@@ -13,7 +13,8 @@ One step (:func:`train_step`):
 3. the network on it; CenterPoint targets on the crop's grid (:mod:`.targets`); the focal loss
    on the heatmap and L1 on offset, z, log size, sin/cos yaw (and the axis, sin/cos 2 yaw, for
    models with ``heading: axis``), both restricted to the head's
-   active cells (outside them nothing is computed at inference);
+   active cells (outside them nothing is computed at inference); the L1 at the centre cells
+   and, with ``--reg-radius R``, at the cells within ``R`` of them, weighted by the heatmap;
    For models with ``iou_head: 1``, the IoU branch learns the BEV IoU of the box decoded at
    each centre cell with its object (:func:`.targets.iou_loss`, weight ``--iou-loss-weight``);
 4. the mask net (:class:`~sparse_detector_ros.masks.MaskNet`) on the same BEV, against
@@ -116,7 +117,8 @@ def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: 
     else:
         mask = batch["mask"].to(bev)
     head, active = net(bev, mask)
-    t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, num_classes)
+    t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, num_classes,
+                     reg_radius=getattr(args, "reg_radius", 0))
     act = active.to(bev.dtype)
     # nothing is computed outside the active cells: no loss there, no object counted there
     logits = torch.where(active[:, None], head["heatmap"], torch.full_like(head["heatmap"], -30))
