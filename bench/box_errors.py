@@ -22,9 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 #: ablations: name -> the parts of a paired box taken from the ground truth
 ABLATIONS = {"as_detected": (), "yaw": ("yaw",), "size": ("size",), "centre": ("centre",),
@@ -33,45 +32,28 @@ ABLATIONS = {"as_detected": (), "yaw": ("yaw",), "size": ("size",), "centre": ("
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="", help="model description (default: shipped)")
-    ap.add_argument("--params-file", default=None, help="runtime parameter file")
-    ap.add_argument("--scenes", type=int, default=8)
-    ap.add_argument("--frames", type=int, default=5, help="frames per scene, 5 apart")
+    common.add_arguments(ap, frames=5)
     ap.add_argument("--preset", default="hdl64e")
     ap.add_argument("--split", default="val", choices=("val", "eval", "bench"))
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
     import numpy as np
-    import torch
 
-    from sparse_detector_ros.config import Config
-    from sparse_detector_ros.model import load_description
-    from sparse_detector_ros.pipeline import Detector
-    from sparse_detector_ros.sim import FRAME_RATE, generate_scene, get_lidar, render_frame
-    from sparse_detector_ros.sim.splits import seeds
     from sparse_detector_ros.train.evaluate import (IOU_THRESHOLDS, MIN_POINTS,
                                                     average_precision, match_frame, similarity)
 
-    torch.set_num_threads(args.threads)
-    model = load_description(args.model)
-    config = Config.from_yaml(args.params_file) if args.params_file else Config()
-    det = Detector(config, model)
+    model, config, det = common.detector(args)
     g = model.grid
-    lidar = get_lidar(args.preset)
     frames = []                                  # (class, pred boxes, scores, gt boxes, care)
-    for seed in seeds(args.split, args.scenes):
-        scene = generate_scene(seed, duration=5 * (args.frames - 1) / FRAME_RATE)
-        for i in range(args.frames):
-            f = render_frame(scene, lidar, 5 * i)
-            r = det.detect(f.points[:, :4], tuple(float(v) for v in f.ego_pose[[0, 1, 3]]))
-            boxes, scores, labels = (np.asarray(a, np.float64) for a in r.detections.numpy())
-            for c, name in enumerate(model.classes):
-                k = f.labels == name
-                gb = f.boxes[k].astype(np.float64)
-                care = ((f.num_points[k] >= MIN_POINTS) & (gb[:, 0] >= g.x_min)
-                        & (gb[:, 0] < g.x_max) & (gb[:, 1] >= g.y_min) & (gb[:, 1] < g.y_max))
-                frames.append((name, boxes[labels == c], scores[labels == c], gb, care))
+    for f in common.scans(args.split, args.scenes, args.frames, args.preset):
+        r = det.detect(f.points[:, :4], common.pose(f))
+        boxes, scores, labels = (np.asarray(a, np.float64) for a in r.detections.numpy())
+        for c, name in enumerate(model.classes):
+            k = f.labels == name
+            gb = f.boxes[k].astype(np.float64)
+            care = ((f.num_points[k] >= MIN_POINTS) & (gb[:, 0] >= g.x_min)
+                    & (gb[:, 0] < g.x_max) & (gb[:, 1] >= g.y_min) & (gb[:, 1] < g.y_max))
+            frames.append((name, boxes[labels == c], scores[labels == c], gb, care))
 
     def paired(pb, gb):
         """(detection index, gt index) of each detection with a ground truth within 2 m."""

@@ -22,42 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="", help="model description (default: shipped)")
-    ap.add_argument("--params-file", default=None,
-                    help="runtime parameter file (its sparse.tile_size sets the tiles)")
-    ap.add_argument("--scenes", type=int, default=8)
-    ap.add_argument("--frames", type=int, default=2, help="frames per scene, 5 apart")
+    common.add_arguments(ap, frames=2)
     ap.add_argument("--presets", nargs="+", default=["hdl64e", "os1-64", "hdl32e", "vlp16"])
     ap.add_argument("--thresholds", nargs="+", type=float, default=list(THRESHOLDS))
     ap.add_argument("--target", type=float, default=0.99, help="recall to keep (0.99)")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
     import numpy as np
     import torch
 
-    from sparse_detector_ros.config import Config
     from sparse_detector_ros.masks import net_mask
-    from sparse_detector_ros.model import load_description
-    from sparse_detector_ros.pipeline import Detector
-    from sparse_detector_ros.sim import FRAME_RATE, generate_scene, get_lidar, render_frame
-    from sparse_detector_ros.sim.splits import seeds
     from sparse_detector_ros.sparse.blocks import plan_tiles
     from sparse_detector_ros.sparse.geometry import grid_shape
 
-    torch.set_num_threads(args.threads)
-    model = load_description(args.model)
-    config = Config.from_yaml(args.params_file) if args.params_file else Config()
-    det = Detector(config, model)
+    model, config, det = common.detector(args)
     sp = config.sparse
     g = model.grid
     H, W = g.shape
@@ -65,30 +51,26 @@ def main(argv=None) -> int:
     thresholds = sorted(args.thresholds)
     rows = {}
     for preset in args.presets:
-        lidar = get_lidar(preset)
         acc = {t: {"active": [], "hit": 0, "objects": 0} for t in thresholds}
-        for seed in seeds("val", args.scenes):
-            scene = generate_scene(seed, duration=5 * (args.frames - 1) / FRAME_RATE)
-            for i in range(args.frames):
-                f = render_frame(scene, lidar, 5 * i)
-                b = f.boxes[f.num_points >= 5]
-                ci = np.floor((b[:, 0] - g.x_min) / g.resolution).astype(int)
-                cj = np.floor((b[:, 1] - g.y_min) / g.resolution).astype(int)
-                ok = (ci >= 0) & (ci < H) & (cj >= 0) & (cj < W)
-                ci, cj = ci[ok] // tile, cj[ok] // tile
-                bev, _ = det.rasterizer(f.points[:, :4].astype(np.float32))
-                with torch.inference_mode():
-                    logits = det.mask_net(bev)
-                for t in thresholds:
-                    # the engine's own pooling of the mask into tiles
-                    m = net_mask(logits, t, (H, W)).float()
-                    plan = plan_tiles(m, tile, sp.threshold, sp.pooling, "torch")
-                    on = np.zeros(grid_shape((H, W), tile), bool)
-                    on[plan.indices[:, 1].numpy(), plan.indices[:, 2].numpy()] = True
-                    a = acc[t]
-                    a["active"].append(float(on.mean()))
-                    a["hit"] += int(on[ci, cj].sum())
-                    a["objects"] += len(ci)
+        for f in common.scans("val", args.scenes, args.frames, preset):
+            b = f.boxes[f.num_points >= 5]
+            ci = np.floor((b[:, 0] - g.x_min) / g.resolution).astype(int)
+            cj = np.floor((b[:, 1] - g.y_min) / g.resolution).astype(int)
+            ok = (ci >= 0) & (ci < H) & (cj >= 0) & (cj < W)
+            ci, cj = ci[ok] // tile, cj[ok] // tile
+            bev, _ = det.rasterizer(f.points[:, :4].astype(np.float32))
+            with torch.inference_mode():
+                logits = det.mask_net(bev)
+            for t in thresholds:
+                # the engine's own pooling of the mask into tiles
+                m = net_mask(logits, t, (H, W)).float()
+                plan = plan_tiles(m, tile, sp.threshold, sp.pooling, "torch")
+                on = np.zeros(grid_shape((H, W), tile), bool)
+                on[plan.indices[:, 1].numpy(), plan.indices[:, 2].numpy()] = True
+                a = acc[t]
+                a["active"].append(float(on.mean()))
+                a["hit"] += int(on[ci, cj].sum())
+                a["objects"] += len(ci)
         for t in thresholds:
             a = acc[t]
             recall = a["hit"] / a["objects"] if a["objects"] else 1.0

@@ -33,7 +33,7 @@ import torch.nn as nn
 from .bev import Rasterizer
 from .config import Config, ConfigError, TransformConfig
 from .frames import MountTransform
-from .masks import ComputationMask, MapPrior, MaskNet
+from .masks import ComputationMask, MapPrior, MaskNet, MaskResult
 from .sparse import ops as sparse_ops
 from .model.decode import Detections, decode
 from .model.description import ModelDescription, ModelError, load_checkpoint
@@ -126,6 +126,18 @@ class FrameResult:
     stage_ms: dict[str, float] = field(default_factory=dict)
     bev: torch.Tensor | None = None
     active: torch.Tensor | None = None
+
+
+@dataclass
+class NetworkOutput:
+    """What :meth:`Detector.network` computed for one frame: the ``head`` dict (format of
+    :mod:`.model.decode`) and its ``active`` cells (1, Ho, Wo) bool, the ``bev`` tensor, the
+    points inside the grid, and the computation mask (:class:`masks.MaskResult`)."""
+    head: dict[str, torch.Tensor]
+    active: torch.Tensor
+    bev: torch.Tensor
+    points_kept: int
+    mask: MaskResult
 
 
 def build_modules(model: ModelDescription, config: Config) -> nn.ModuleDict:
@@ -229,9 +241,11 @@ class Detector:
         self.config, self.thresholds, self.masker = config, thresholds, masker
 
     @torch.inference_mode()
-    def detect(self, points: np.ndarray | torch.Tensor, pose: Sequence[float] | None = None,
-               timer: StageTimer | None = None) -> FrameResult:
-        """Detections in the sensor frame for one cloud ``(N, >=4)`` [x, y, z, intensity]."""
+    def network(self, points: np.ndarray | torch.Tensor, pose: Sequence[float] | None = None,
+                timer: StageTimer | None = None) -> NetworkOutput:
+        """The stages of :meth:`detect` before the boxes (rasterize, mask, backbone, head) on
+        one cloud: the head's outputs, for :meth:`boxes` (or a caller that decodes them several
+        ways, e.g. a calibration)."""
         timer = timer or StageTimer(self.device)
         net = self.net
         with timer("rasterize"):
@@ -243,15 +257,31 @@ class Detector:
         with timer("head"):
             h = net.head_stage
             head, active = net.head(net.neck(feats), masks[h], tiles[h])
+        return NetworkOutput(head=head, active=active, bev=bev, points_kept=kept, mask=m)
+
+    @torch.no_grad()
+    def boxes(self, out: NetworkOutput, iou_weight: float | None = None) -> Detections:
+        """The detections of :meth:`network`'s output, decoded with the ``detector.*``
+        parameters (``iou_weight``: another rescoring weight than ``detector.iou_weight``)."""
+        d = self.config.detector
+        return decode(out.head, self.grid, self.net.out_stride, self.thresholds,
+                      top_k=d.top_k, nms_iou=d.nms_iou, active=out.active,
+                      iou_weight=d.iou_weight if iou_weight is None else iou_weight)[0]
+
+    @torch.inference_mode()
+    def detect(self, points: np.ndarray | torch.Tensor, pose: Sequence[float] | None = None,
+               timer: StageTimer | None = None) -> FrameResult:
+        """Detections in the sensor frame for one cloud ``(N, >=4)`` [x, y, z, intensity]."""
+        timer = timer or StageTimer(self.device)
+        out = self.network(points, pose, timer)
         with timer("boxes"):
-            dets = decode(head, self.grid, net.out_stride, self.thresholds,
-                          top_k=self.config.detector.top_k, nms_iou=self.config.detector.nms_iou,
-                          active=active, iou_weight=self.config.detector.iou_weight)[0]
-        frac = net.stem.last_active_fraction
-        return FrameResult(points_received=len(points), points_kept=kept, detections=dets,
-                           active_fraction=float(frac if frac is not None else 1.0),
-                           mask_mode=m.mode, mask_fallback=m.fallback,
-                           stage_ms=timer.ordered(), bev=bev, active=active[0])
+            dets = self.boxes(out)
+        frac = self.net.stem.last_active_fraction
+        return FrameResult(points_received=len(points), points_kept=out.points_kept,
+                           detections=dets, active_fraction=float(frac if frac is not None
+                                                                  else 1.0),
+                           mask_mode=out.mask.mode, mask_fallback=out.mask.fallback,
+                           stage_ms=timer.ordered(), bev=out.bev, active=out.active[0])
 
 
 def mount_transform(config: TransformConfig) -> MountTransform:
