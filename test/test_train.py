@@ -83,27 +83,50 @@ def test_tiny_model_overfits_a_few_frames_and_finds_their_boxes(tiny):
     assert total >= 2 and found >= 0.8 * total, (found, total)
 
 
-def losses_at_rot_weights(tiny, desc):
-    """The loss terms of two cached frames for ``desc`` (seeded weights, a dense pass) at
-    ``--rot-weight`` 1 and 3, with the dense head, its targets, the centre cells' mask and the
-    stride: what the loss tests below compare."""
+def dense_pass(tiny, desc):
+    """Seeded modules for ``desc``, a batch of two cached frames, the stride, and the dense
+    head on the batch with its active cells."""
     from sparse_detector_ros.pipeline import build_modules
     from sparse_detector_ros.train.data import collate
-    from sparse_detector_ros.train.targets import encode_batch
-    from sparse_detector_ros.train.train import losses
 
     torch.manual_seed(0)
     modules = build_modules(desc, Config())
     ds = CachedBEVDataset(tiny / "cache", crop=None)
     batch = collate([ds[0], ds[1]])
-    stride = modules["net"].out_stride
+    with torch.no_grad():
+        dense = torch.ones_like(batch["mask"], dtype=torch.float32)
+        head, active = modules["net"](batch["bev"], dense)
+    return modules, batch, modules["net"].out_stride, head, active
+
+
+def losses_at_rot_weights(tiny, desc):
+    """The loss terms of two cached frames for ``desc`` (seeded weights, a dense pass) at
+    ``--rot-weight`` 1 and 3, with the dense head, its targets, the centre cells' mask and the
+    stride: what the loss tests below compare."""
+    from sparse_detector_ros.train.targets import encode_batch
+    from sparse_detector_ros.train.train import losses
+
+    modules, batch, stride, head, active = dense_pass(tiny, desc)
     with torch.no_grad():
         one = losses(modules, batch, stride, 3, "dense", args_for(tiny, "w1"))
         three = losses(modules, batch, stride, 3, "dense", args_for(tiny, "w3", rot_weight=3.0))
-        dense = torch.ones_like(batch["mask"], dtype=torch.float32)
-        head, active = modules["net"](batch["bev"], dense)
     t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
     return one, three, head, t, t["mask"] * active.float(), stride
+
+
+def test_reg_radius_option_trains_the_regression_around_the_centres(tiny):
+    from sparse_detector_ros.train.targets import REG_KEYS, encode_batch, reg_loss
+    from sparse_detector_ros.train.train import losses
+
+    modules, batch, stride, head, active = dense_pass(tiny, load_description(tiny / "model.yaml"))
+    with torch.no_grad():
+        got = losses(modules, batch, stride, 3, "dense", args_for(tiny, "r", reg_radius=1))
+    centres = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3)
+    t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3, reg_radius=1)
+    m = t["mask"] * active.float()
+    assert int((m > 0).sum()) > 4 * int((centres["mask"] > 0).sum()) > 0
+    want = sum(reg_loss(head[k], t[k], m) for k in REG_KEYS if k in head)
+    torch.testing.assert_close(got["reg"], want, rtol=1e-4, atol=1e-6)
 
 
 def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
