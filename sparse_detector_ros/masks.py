@@ -418,10 +418,14 @@ def occupancy_mask(points, grid: GridConfig, *, min_points: int = 2, min_height:
     z = pts[:, 2]
     # comparisons are False for NaN, so non-finite points fall out here
     keep = (fx >= 0) & (fx < H) & (fy >= 0) & (fy < W) & (z.abs() < float("inf"))
-    i = fx.clamp(0, H - 1).to(torch.int64)
-    j = fy.clamp(0, W - 1).to(torch.int64)
+    # cell indices as whole floats (float32 holds them exactly below 2^24 cells, else float64):
+    # float ops instead of int64 divisions (cheaper)
+    wide = torch.float64 if H * W >= 1 << 24 else torch.float32
+    i = fx.to(wide).clamp_(0, H - 1).floor_()
+    j = fy.to(wide).clamp_(0, W - 1).floor_()
     # ignored points go to one extra bin at the end (no boolean indexing: cheaper)
-    coarse = torch.where(keep, (i // g) * Wg + j // g, Hg * Wg)
+    coarse = torch.where(keep, (i / g).floor_().mul_(Wg).add_((j / g).floor_()),
+                         float(Hg * Wg)).to(torch.int64)
     ground = torch.full((Hg * Wg + 1,), float("inf"), device=pts.device)
     ground.scatter_reduce_(0, coarse, z, reduce="amin", include_self=True)
     # a ground cell far above its neighbours holds objects only (their roofs hide its ground)
@@ -429,7 +433,7 @@ def occupancy_mask(points, grid: GridConfig, *, min_points: int = 2, min_height:
     ground[:-1] = torch.minimum(ground[:-1], near + GROUND_RISE * ground_cell)
     counted = keep & (z > ground[coarse] + float(min_height))
     counted &= (z >= grid.z_min) & (z < grid.z_max)
-    cell = torch.where(counted, i * W + j, H * W)
+    cell = torch.where(counted, i.mul_(W).add_(j), float(H * W)).to(torch.int64)
     occupied = torch.bincount(cell, minlength=H * W + 1)[:H * W] >= int(min_points)
     return dilate(occupied.view(H, W), dilation)
 
