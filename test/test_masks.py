@@ -350,6 +350,18 @@ def test_occupancy_marks_exactly_the_cells_of_an_object():
     np.testing.assert_array_equal(occ(torch.from_numpy(pts[::-1].copy()), min_points=3), got)
 
 
+def test_occupancy_cells_of_a_grid_of_more_than_2_24_cells():
+    # 4160 x 4160 cells: float32 no longer holds every flat cell index, the float64 path does
+    big = GridConfig(x_min=-104.0, x_max=104.0, y_min=-104.0, y_max=104.0, resolution=0.05,
+                     z_min=-3.0, z_max=2.0)
+    assert big.shape[0] * big.shape[1] > 1 << 24
+    cells = [(4159, 4159), (4159, 4158), (4000, 4157), (3, 4159)]
+    pts = np.concatenate([column(big, i, j, [1.0]) for i, j in cells]
+                         + [column(big, i, j, [-1.0]) for i, j in cells])   # their ground
+    got = occ(pts, big, ground_cell=0.05)
+    assert sorted(map(tuple, np.argwhere(got).tolist())) == sorted(cells)
+
+
 def test_occupancy_min_points_and_min_height_edges():
     above = GROUND_Z + 0.25
     pts = np.concatenate([
