@@ -13,9 +13,10 @@ object a line:
 
 * ``{"kind": "weight", "preset": ..., "iou_weight": w, "ap_bev": {class: AP}, "mean": m}``;
 * ``{"kind": "choice", ...}``: the smallest weight whose mean BEV AP over presets and classes
-  is within ``--tolerance`` (0.1 AP) of the best (the IoU branch is trained on object centres
-  only, so the less a background cell's predicted IoU can lift it over the score threshold the
-  better); what ``detector.iou_weight`` defaults to.
+  is within ``--tolerance`` (0.1 AP) of the best (the heatmap, trained on every cell, stays
+  the main term of the score; the IoU branch is trained near objects only); what
+  ``detector.iou_weight`` defaults to. The weight only reorders the detections: the score
+  thresholds select on the heatmap (:func:`~sparse_detector_ros.model.decode.decode`).
 """
 from __future__ import annotations
 

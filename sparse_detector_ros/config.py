@@ -248,8 +248,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               1, 10000, live=True),
     ParamSpec("detector.nms_iou", 0.2, "BEV IoU above which the lower-scored of two boxes of "
               "one class is suppressed (colliding peaks)", 0.0, 1.0, live=True),
-    ParamSpec("detector.iou_weight", 0.5, "for models with an IoU output (iou_head: 1): score = "
-              "heatmap^(1 - w) x predicted IoU^w, so that tight boxes rank first (0: the "
+    ParamSpec("detector.iou_weight", 0.3, "for models with an IoU output (iou_head: 1): score = "
+              "heatmap^(1 - w) x predicted IoU^w, so that tight boxes rank first; the "
+              "score_thresholds apply to the heatmap alone (0: the "
               "heatmap alone; models without the output ignore it)", 0.0, 0.9, live=True),
     # --- transform (frames.py): where the cloud's frame sits in the detection frame, the frame
     # the model was trained in (level a tilted sensor, lift the origin to the trained height).

@@ -422,7 +422,7 @@ def test_axis_of_the_wrong_shape_is_refused():
         decode(head, GRID, STRIDE, [0.1] * 3)
 
 
-def test_iou_output_rescores_thresholds_and_orders_the_detections():
+def test_iou_output_rescores_and_orders_the_detections_thresholds_stay_the_heatmaps():
     head = blank_head()
     head["iou"] = torch.zeros(1, 1, HO, WO)
     place_boxes(head, [car(10, 10), car(20, 20), car(30, 30)], [0, 0, 1], [2.0, 1.0, 0.0])
@@ -439,9 +439,11 @@ def test_iou_output_rescores_thresholds_and_orders_the_detections():
     np.testing.assert_allclose(det.scores.numpy(), [w for w, _ in want], rtol=1e-5)
     np.testing.assert_allclose(det.boxes[:, 0], [car(k, k)[0] for w, k in want], atol=1e-5)
     assert len(det) == 3
-    # the threshold applies to the rescored score: 0.5 drops the loose box (0.41)
-    (det,) = decode(head, GRID, STRIDE, [0.5] * 3, iou_weight=0.5)
-    np.testing.assert_allclose(det.boxes[:, 0], [car(k, k)[0] for k in (20, 30)], atol=1e-5)
+    # the thresholds apply to the heatmap: 0.6 keeps the loose box (heatmap 0.88, rescored
+    # 0.41) and drops the third (heatmap 0.5, rescored 0.67); the rescored scores order them
+    (det,) = decode(head, GRID, STRIDE, [0.6] * 3, iou_weight=0.5)
+    np.testing.assert_allclose(det.boxes[:, 0], [car(k, k)[0] for k in (20, 10)], atol=1e-5)
+    np.testing.assert_allclose(det.scores.numpy(), [want[0][0], want[2][0]], rtol=1e-5)
     # a head without "iou" ignores the weight
     del head["iou"]
     (det,) = decode(head, GRID, STRIDE, [0.1] * 3, iou_weight=0.9)

@@ -42,8 +42,10 @@ Decoding (:func:`decode`), per batch item:
    (a plateau) are broken in raster order: a cell is not a peak when an earlier cell of its
    window (previous rows, or the same row to the left) has the same logit and is itself a
    kept peak candidate, so a plateau gives one peak, not one per cell;
-2. a peak is kept when its score is ``>=`` its class's threshold and, when ``active`` is given,
-   it lies in an active cell (the sparse network computes nothing elsewhere);
+2. a peak is kept when its heatmap score ``sigmoid(logit)`` is ``>=`` its class's threshold
+   and, when ``active`` is given, it lies in an active cell (the sparse network computes
+   nothing elsewhere); with an IoU rescoring (``iou_weight``) the kept peaks are then scored
+   by the rescored score, which orders them, decides NMS and is the detection's score;
 3. the ``top_k`` highest-scored peaks over all classes are kept (ties: class, then raster
    order);
 4. the regression values are gathered at those cells and turned into boxes;
@@ -292,8 +294,8 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
         head: the head dict (format in the module docstring), ``N`` items, ``K`` classes.
         grid: the BEV grid the model was trained on (extent and resolution).
         stride: the output grid's stride relative to ``grid`` (an int >= 1).
-        score_thresholds: ``K`` floats in [0, 1]: a peak of class ``c`` is kept when its score
-            is ``>= score_thresholds[c]``.
+        score_thresholds: ``K`` floats in [0, 1]: a peak of class ``c`` is kept when its
+            heatmap score is ``>= score_thresholds[c]``.
         top_k: at most this many peaks per batch item (the highest over all classes) are
             decoded, before NMS.
         nms_iou: BEV IoU above which the lower-scored of two boxes of one class is dropped;
@@ -302,9 +304,11 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
             dropped.
         pool: odd window size of the peak picking (1: every cell is a peak).
         iou_weight: ``a`` in [0, 1); for a head with ``"iou"``, the score of a cell is
-            ``sigmoid(heatmap)^(1 - a) * sigmoid(iou)^a`` (thresholds, top-K, NMS and the
-            order all use it; peaks are still those of the heatmap). 0, or no ``"iou"``: the
-            heatmap's score.
+            ``sigmoid(heatmap)^(1 - a) * sigmoid(iou)^a`` (top-K, NMS, the order and the
+            detections' scores use it; the peaks and the thresholds are the heatmap's, so
+            the weight reorders the detections without adding any: the IoU branch is trained
+            on objects only and lifts background peaks). 0, or no ``"iou"``: the heatmap's
+            score.
 
     Returns:
         ``N`` :class:`Detections` on the head's device, sorted by descending score. Computed
@@ -329,11 +333,14 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
                          f"{iou_weight!r}")
 
     logits = hm.float()
-    scores = torch.sigmoid(logits)
+    heat = torch.sigmoid(logits)
+    scores = heat
     a = float(iou_weight)
     if "iou" in head and a > 0:
-        scores = scores.pow(1 - a) * torch.sigmoid(head["iou"].float()).pow(a)
-    keep = scores >= thr[None, :, None, None]
+        scores = heat.pow(1 - a) * torch.sigmoid(head["iou"].float()).pow(a)
+    # the thresholds select on the heatmap alone: the IoU branch, trained on objects only,
+    # would lift background peaks over them (measured: v8 car false positives x2.7 at a = 0.5)
+    keep = heat >= thr[None, :, None, None]
     if active is not None:
         keep &= _active(active, n, ho, wo, device)[:, None]
     pn, pk, pi, pj = _peaks(logits, keep, pool)
