@@ -16,7 +16,8 @@ One step (:func:`train_step`):
    active cells (outside them nothing is computed at inference); the L1 at the centre cells
    and, with ``--reg-radius R``, at the cells within ``R`` of them, weighted by the heatmap;
    For models with ``iou_head: 1``, the IoU branch learns the BEV IoU of the box decoded at
-   each centre cell with its object (:func:`.targets.iou_loss`, weight ``--iou-loss-weight``);
+   each cell with a regression target (the same cells) with its object
+   (:func:`.targets.iou_loss`, weight ``--iou-loss-weight``);
 4. the mask net (:class:`~sparse_detector_ros.masks.MaskNet`) on the same BEV, against
    :func:`~sparse_detector_ros.masks.net_target` (cells near objects), with a binary
    cross-entropy whose positives weigh ``--mask-pos-weight`` times more: recall first;
