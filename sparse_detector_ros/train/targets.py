@@ -35,8 +35,8 @@ loss weighs such a cell by the object's heatmap value there (the centre cell by 
 cell that is likelier to be the peak counts more.
 
 Losses: :func:`focal_loss` (penalty-reduced focal loss of CenterNet on the heatmap logits) and
-:func:`reg_loss` (L1 on the regression maps at the centre cells), both normalised by the number
-of objects.
+:func:`reg_loss` (L1 on the regression maps at the cells with a target, weighted), both
+normalised by the number of objects (the sum of the regression weights).
 """
 from __future__ import annotations
 
@@ -109,12 +109,17 @@ def _as_numpy(a, dtype, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be numeric, got {type(a).__name__}") from None
 
 
-def _gaussian(radius: int) -> np.ndarray:
-    """``(2r+1, 2r+1)`` float32 Gaussian with 1.0 at the centre, ``sigma = (2r + 1) / 6``."""
+def _gaussian_at(d2, radius: int):
+    """The heatmap Gaussian of radius ``radius`` at squared cell distance ``d2`` from its
+    centre: ``exp(-d2 / (2 sigma^2))``, ``sigma = (2r + 1) / 6``."""
     sigma = (2 * radius + 1) / 6.0
+    return np.exp(-d2 / (2.0 * sigma * sigma))
+
+
+def _gaussian(radius: int) -> np.ndarray:
+    """``(2r+1, 2r+1)`` float32 Gaussian with 1.0 at the centre (:func:`_gaussian_at`)."""
     d = np.arange(-radius, radius + 1, dtype=np.float64)
-    g = np.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2.0 * sigma * sigma))
-    return g.astype(np.float32)
+    return _gaussian_at(d[:, None] ** 2 + d[None, :] ** 2, radius).astype(np.float32)
 
 
 def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
@@ -214,8 +219,7 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
                 take = d < near[i0:i1, j0:j1]
                 near[i0:i1, j0:j1][take] = d[take]
                 owner[i0:i1, j0:j1][take] = k
-                sigma = (2 * r + 1) / 6.0
-                g = np.exp(-((ii - ci) ** 2 + (jj - cj) ** 2) / (2.0 * sigma * sigma))
+                g = _gaussian_at((ii - ci) ** 2 + (jj - cj) ** 2, r)
                 weight[i0:i1, j0:j1][take] = g[take]
             ni, nj = np.nonzero(owner >= 0)
             k = owner[ni, nj]
