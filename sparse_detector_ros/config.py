@@ -252,6 +252,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               "heatmap^(1 - w) x predicted IoU^w, so that tight boxes rank first; the "
               "score_thresholds apply to the heatmap alone (0: the "
               "heatmap alone; models without the output ignore it)", 0.0, 0.9, live=True),
+    ParamSpec("detector.box_radius", 1, "each box averages the regressions of the cells within "
+              "this many output cells of its peak, weighted by their heatmap score (cells whose "
+              "box lies elsewhere are left out; for models trained with a regression radius); "
+              "0: the peak cell alone", 0, 3, live=True),
     # --- transform (frames.py): where the cloud's frame sits in the detection frame, the frame
     # the model was trained in (level a tilted sensor, lift the origin to the trained height).
     ParamSpec("transform.translation", (0.0, 0.0, 0.0), "position (x, y, z) of the cloud's frame "
@@ -418,6 +422,7 @@ class DetectorConfig:
     top_k: int = _default("detector.top_k")
     nms_iou: float = _default("detector.nms_iou")
     iou_weight: float = _default("detector.iou_weight")
+    box_radius: int = _default("detector.box_radius")
 
     def thresholds_for(self, classes: tuple[str, ...]) -> tuple[float, ...]:
         """One threshold per class: a single value applies to every class. ConfigError when

@@ -266,7 +266,8 @@ class Detector:
         d = self.config.detector
         return decode(out.head, self.grid, self.net.out_stride, self.thresholds,
                       top_k=d.top_k, nms_iou=d.nms_iou, active=out.active,
-                      iou_weight=d.iou_weight if iou_weight is None else iou_weight)[0]
+                      iou_weight=d.iou_weight if iou_weight is None else iou_weight,
+                      box_radius=d.box_radius)[0]
 
     @torch.inference_mode()
     def detect(self, points: np.ndarray | torch.Tensor, pose: Sequence[float] | None = None,

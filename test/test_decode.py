@@ -451,3 +451,85 @@ def test_iou_output_rescores_and_orders_the_detections_thresholds_stay_the_heatm
     for bad in (1.0, -0.1):         # 1 would drop the heatmap: every cell a candidate
         with pytest.raises(ValueError, match=r"iou_weight must be in \[0, 1\)"):
             decode(head, GRID, STRIDE, [0.1] * 3, iou_weight=bad)
+
+
+# ----------------------------------------------------------------------------- box_radius
+
+def _neighbours(head, box, cell, logit, label=0, axis=False):
+    """Writes ``box`` with heatmap logit ``logit`` at output cell ``cell`` = (i, j), the offset
+    measured from that cell (the centre may lie outside it), as training with a regression
+    radius does around a centre."""
+    i, j = cell
+    x, y, z, l, w, h, yaw = box
+    f = torch.tensor
+    head["heatmap"][0, label, i, j] = logit
+    head["offset"][0, :, i, j] = f([(x - GRID.x_min) / CELL - i, (y - GRID.y_min) / CELL - j])
+    head["z"][0, 0, i, j] = z
+    head["size"][0, :, i, j] = f(np.log([l, w, h]))
+    head["rot"][0, :, i, j] = f([math.sin(yaw), math.cos(yaw)])
+    if axis:
+        head["axis"][0, :, i, j] = f([math.sin(2 * yaw), math.cos(2 * yaw)])
+
+
+def test_box_radius_averages_the_neighbours_weighted_by_their_heatmap():
+    head = blank_head()
+    head["axis"] = torch.zeros(1, 2, HO, WO)
+    peak = np.array(car(10, 10, yaw=0.3), np.float64)
+    other = peak + [0.3, -0.2, 0.1, 0.4, 0.2, -0.2, 0.0]     # the neighbour's regression
+    other[6] = 0.3 + math.pi - 0.1      # the box turned round, its axis 0.1 rad off the peak's
+    _neighbours(head, peak, (10, 10), 2.0, axis=True)
+    _neighbours(head, other, (11, 10), 0.0, axis=True)
+    head["heatmap"][head["heatmap"] == BACKGROUND] = -100.0      # background weighs nothing
+    (plain,) = decode(head, GRID, STRIDE, [0.3] * 3)
+    assert_boxes_close(plain.boxes.numpy(), peak[None])
+    (got,) = decode(head, GRID, STRIDE, [0.3] * 3, box_radius=1)
+    assert len(got) == 1 and got.scores[0] == plain.scores[0]      # the neighbour is no peak
+    wp, wo = sigmoid32(2.0), 0.5
+    want_xyz_logs = (wp * np.r_[peak[:3], np.log(peak[3:6])]
+                     + wo * np.r_[other[:3], np.log(other[3:6])]) / (wp + wo)
+    axis = wp * np.array([math.sin(0.6), math.cos(0.6)]) + wo * np.array(
+        [math.sin(2 * other[6]), math.cos(2 * other[6])])
+    a = 0.5 * math.atan2(*axis)
+    want = np.r_[want_xyz_logs[:3], np.exp(want_xyz_logs[3:6]), a][None]
+    assert_boxes_close(got.boxes.numpy(), want)
+    assert abs(a - 0.3) < 0.1          # the direction stays the peak's (the rot vectors)
+
+
+def test_box_radius_leaves_out_other_objects_inactive_cells_and_the_map_edge():
+    head = blank_head()
+    peak = np.array(car(0, 10), np.float64)            # on the map's first row
+    _neighbours(head, peak, (0, 10), 2.0)
+    # the next cell regresses another car 2 m away (more than half the width, 1 m), with a
+    # higher heatmap score than the background but lower than the peak
+    _neighbours(head, peak + [0.0, 2.0, 0, 0, 0, 0, 0], (0, 11), 1.0)
+    # a cell regressing a box 0.5 m off, which is inactive below
+    _neighbours(head, peak + [0.5, 0.0, 0, 0, 0, 0, 0], (1, 10), 1.5)
+    head["heatmap"][head["heatmap"] == BACKGROUND] = -100.0      # background weighs nothing
+    active = torch.ones(1, HO, WO, dtype=torch.bool)
+    (got,) = decode(head, GRID, STRIDE, [0.3] * 3, box_radius=1, active=active)
+    w1, w2 = sigmoid32(2.0), sigmoid32(1.5)
+    want = peak.copy()
+    want[0] = (w1 * peak[0] + w2 * (peak[0] + 0.5)) / (w1 + w2)
+    assert_boxes_close(got.boxes.numpy(), want[None])
+    active[0, 1, 10] = False
+    (got,) = decode(head, GRID, STRIDE, [0.3] * 3, box_radius=1, active=active)
+    assert_boxes_close(got.boxes.numpy(), peak[None])
+    # a class's own heatmap weighs: the pedestrian channel is empty around its peak
+    active[0, 1, 10] = True
+    head["heatmap"][0, 1, 0, 10] = 3.0
+    dets = decode(head, GRID, STRIDE, [0.3] * 3, box_radius=1, active=active, nms_iou=1.0)[0]
+    ped = dets.boxes[dets.labels == 1].numpy()
+    assert_boxes_close(ped, peak[None])
+
+
+def test_box_radius_zero_is_the_peak_cell_and_bad_radius_is_refused():
+    rng = np.random.default_rng(5)
+    head = blank_head()
+    boxes = random_boxes(rng, 20)
+    place_boxes(head, boxes, rng.integers(0, 3, 20), rng.uniform(0, 5, 20))
+    a, b = decode(head, GRID, STRIDE, [0.3] * 3)[0], decode(head, GRID, STRIDE, [0.3] * 3,
+                                                            box_radius=0)[0]
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="box_radius must be an int >= 0"):
+            decode(head, GRID, STRIDE, [0.3] * 3, box_radius=bad)

@@ -56,3 +56,31 @@ def test_shipped_model_has_the_axis_and_iou_outputs_and_iou_weight_rescores():
     sb = b.scores.numpy()[d.argmin(1)[same]]
     assert np.abs(sa - sb).max() > 0.05
     assert ((sb > 0) & (sb < 1)).all()
+
+
+def test_box_radius_parameter_reaches_the_decoding():
+    from dataclasses import replace
+
+    from sparse_detector_ros.model.decode import decode
+
+    model = load_description()
+    frame = render_frame(generate_scene(seeds("eval", 1, offset=100)[0], duration=0.5),
+                         get_lidar("hdl64e"), 0)
+    points = frame.points[:, :4].astype(np.float32)
+    base = Config()
+    assert base.detector.box_radius == 1
+    det = Detector(base, model)
+    out = det.network(points)
+    d = base.detector
+    for radius in (0, 1, 2):
+        det.reconfigure(replace(base, detector=replace(d, box_radius=radius)))
+        got = det.boxes(out)
+        want = decode(out.head, det.grid, det.net.out_stride, det.thresholds, top_k=d.top_k,
+                      nms_iou=d.nms_iou, active=out.active, iou_weight=d.iou_weight,
+                      box_radius=radius)[0]
+        assert torch.equal(got.boxes, want.boxes) and len(got) >= 5
+        if radius == 0:
+            peak = got.boxes
+        else:      # the same detections, other boxes (their peaks' neighbours weigh in)
+            assert got.boxes.shape == peak.shape
+            assert 0 < (got.boxes[:, :2] - peak[:, :2]).abs().max() < 0.8

@@ -48,7 +48,9 @@ Decoding (:func:`decode`), per batch item:
    by the rescored score, which orders them, decides NMS and is the detection's score;
 3. the ``top_k`` highest-scored peaks over all classes are kept (ties: class, then raster
    order);
-4. the regression values are gathered at those cells and turned into boxes;
+4. the regression values are gathered at those cells (with ``box_radius`` > 0: averaged over
+   the cells around each peak that regress the same object, weighted by their heatmap score)
+   and turned into boxes;
 5. class-aware greedy BEV NMS (:func:`sparse_detector_ros.boxes.nms_bev`: boxes of different
    classes never suppress each other) when ``nms_iou < 1``.
 
@@ -266,28 +268,71 @@ def axis_yaw(axis: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return torch.atan2(torch.sin(a), torch.cos(a))
 
 
-def _boxes_at(head: Mapping[str, torch.Tensor], b: int, i: torch.Tensor, j: torch.Tensor,
-              grid: GridConfig, stride: int) -> torch.Tensor:
-    """(M, 7) float32 boxes from the regression maps of batch item ``b`` at cells (i, j)."""
+def _regressions_at(head: Mapping[str, torch.Tensor], b: int, i: torch.Tensor, j: torch.Tensor,
+                    grid: GridConfig, stride: int) -> torch.Tensor:
+    """(M, 8 or 10) float64 regression values of batch item ``b`` at cells (i, j): ``x, y`` (the
+    centre in metres), ``z``, ``log l, log w, log h`` (clamped to :data:`LOG_SIZE_LIMIT`),
+    ``sin yaw, cos yaw`` (``rot``) and, for a head with ``axis``, ``sin 2 yaw, cos 2 yaw``: the
+    quantities that :func:`_to_boxes` turns into boxes and that a window may average."""
     def at(key: str) -> torch.Tensor:                     # (M, C), computed in float64
         return head[key][b][:, i, j].t().double()
 
     cell = float(stride) * float(grid.resolution)
-    off, size, rot = at("offset"), at("size"), at("rot")
+    off = at("offset")
     x = grid.x_min + (i.double() + off[:, 0]) * cell
     y = grid.y_min + (j.double() + off[:, 1]) * cell
-    lwh = size.clamp(-LOG_SIZE_LIMIT, LOG_SIZE_LIMIT).exp()
-    yaw = torch.atan2(rot[:, 0], rot[:, 1])
+    parts = [x[:, None], y[:, None], at("z"), at("size").clamp(-LOG_SIZE_LIMIT, LOG_SIZE_LIMIT),
+             at("rot")]
     if "axis" in head:
-        yaw = axis_yaw(at("axis"), yaw)
-    return torch.cat([x[:, None], y[:, None], at("z"), lwh, yaw[:, None]], 1).float()
+        parts.append(at("axis"))
+    return torch.cat(parts, 1)
+
+
+def _to_boxes(reg: torch.Tensor) -> torch.Tensor:
+    """(M, 7) float32 boxes from :func:`_regressions_at` values (M, 8 or 10)."""
+    yaw = torch.atan2(reg[:, 6], reg[:, 7])
+    if reg.shape[1] > 8:
+        yaw = axis_yaw(reg[:, 8:10], yaw)
+    return torch.cat([reg[:, 0:3], reg[:, 3:6].exp(), yaw[:, None]], 1).float()
+
+
+def _window_regressions(head: Mapping[str, torch.Tensor], b: int, k: torch.Tensor,
+                        i: torch.Tensor, j: torch.Tensor, grid: GridConfig, stride: int,
+                        radius: int, active: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, 8 or 10) regression values at the peaks (k, i, j) of batch item ``b``, each the
+    average over the cells within ``radius`` (a ``2 radius + 1`` square) weighted by their
+    heatmap score of the peak's class ``k``. A cell counts only when it lies on the map, is
+    active (``active`` (Ho, Wo) bool of batch item ``b``, None: every cell) and its box centre
+    lies within half the peak box's width of the peak box's centre (a cell nearer another
+    object regresses that object). The ``rot`` and ``axis`` vectors are averaged as vectors
+    (their angle is what decodes). ``radius`` 0: the peak cells' values."""
+    peak = _regressions_at(head, b, i, j, grid, stride)
+    if radius == 0 or len(i) == 0:
+        return peak
+    ho, wo = head["heatmap"].shape[-2:]
+    d = torch.arange(-radius, radius + 1, device=i.device)
+    side = len(d)
+    ni = (i[:, None, None] + d[None, :, None]).expand(-1, side, side).reshape(len(i), -1)
+    nj = (j[:, None, None] + d[None, None, :]).expand(-1, side, side).reshape(len(i), -1)
+    inside = (ni >= 0) & (ni < ho) & (nj >= 0) & (nj < wo)
+    ni, nj = ni.clamp(0, ho - 1), nj.clamp(0, wo - 1)
+    if active is not None:
+        inside &= active[ni, nj]
+    m, cells = ni.shape
+    reg = _regressions_at(head, b, ni.reshape(-1), nj.reshape(-1), grid, stride)
+    reg = reg.reshape(m, cells, -1)
+    heat = torch.sigmoid(head["heatmap"][b].double())[k[:, None], ni, nj]
+    near = (reg[..., 0:2] - peak[:, None, 0:2]).norm(dim=2) <= 0.5 * peak[:, None, 4].exp()
+    weight = torch.where(inside & near, heat, torch.zeros_like(heat))
+    weight[:, cells // 2] = heat[:, cells // 2] + 1e-300   # the peak itself always counts
+    return (weight[..., None] * reg).sum(1) / weight.sum(1, keepdim=True)
 
 
 @torch.no_grad()
 def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
            score_thresholds: Sequence[float], *, top_k: int = 100, nms_iou: float = 0.2,
            active: torch.Tensor | None = None, pool: int = 3,
-           iou_weight: float = 0.0) -> list[Detections]:
+           iou_weight: float = 0.0, box_radius: int = 0) -> list[Detections]:
     """Head outputs -> one :class:`Detections` per batch item (see the module docstring).
 
     Args:
@@ -309,6 +354,13 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
             the weight reorders the detections without adding any: the IoU branch is trained
             on objects only and lifts background peaks). 0, or no ``"iou"``: the heatmap's
             score.
+        box_radius: an int >= 0: each box is the average of the regressions of the cells
+            within this many cells of its peak (a ``2 box_radius + 1`` square), weighted by
+            their heatmap score of the peak's class, leaving out cells off the map or inactive
+            and cells whose box centre lies farther than half the peak box's width from the
+            peak box's centre (they regress another object); ``rot`` and ``axis`` average as
+            vectors.
+            0: the peak cell's regression alone.
 
     Returns:
         ``N`` :class:`Detections` on the head's device, sorted by descending score. Computed
@@ -328,6 +380,8 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
         raise ValueError(f"pool must be an odd int >= 1, got {pool!r}")
     if not float(nms_iou) >= 0.0:
         raise ValueError(f"nms_iou must be >= 0 (>= 1 skips NMS), got {nms_iou!r}")
+    if not _is_int(box_radius) or box_radius < 0:
+        raise ValueError(f"box_radius must be an int >= 0, got {box_radius!r}")
     if not 0.0 <= float(iou_weight) < 1.0:
         raise ValueError(f"iou_weight must be in [0, 1) (1 would leave the heatmap out), got "
                          f"{iou_weight!r}")
@@ -341,8 +395,9 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
     # the thresholds select on the heatmap alone: the IoU branch, trained on objects only,
     # would lift background peaks over them (measured: v8 car false positives x2.7 at a = 0.5)
     keep = heat >= thr[None, :, None, None]
-    if active is not None:
-        keep &= _active(active, n, ho, wo, device)[:, None]
+    act = None if active is None else _active(active, n, ho, wo, device)
+    if act is not None:
+        keep &= act[:, None]
     pn, pk, pi, pj = _peaks(logits, keep, pool)
     pscore = scores[pn, pk, pi, pj]
 
@@ -354,7 +409,8 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
             continue
         order = torch.sort(pscore[sel], descending=True, stable=True).indices[:top_k]
         sel = sel[order]
-        boxes = _boxes_at(head, b, pi[sel], pj[sel], grid, stride)
+        boxes = _to_boxes(_window_regressions(head, b, pk[sel], pi[sel], pj[sel], grid, stride,
+                                              box_radius, None if act is None else act[b]))
         det_scores, labels = pscore[sel], pk[sel]
         if float(nms_iou) < 1.0 and len(sel) > 1:
             kept = nms_bev(boxes, det_scores, float(nms_iou), classes=labels)
