@@ -129,6 +129,27 @@ def test_reg_radius_option_trains_the_regression_around_the_centres(tiny):
     torch.testing.assert_close(got["reg"], want, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_option_runs_the_networks_in_bfloat16_and_keeps_the_losses_float32(tiny):
+    from sparse_detector_ros.train.train import losses
+
+    modules, batch, stride, _, _ = dense_pass(tiny, load_description(tiny / "model.yaml"))
+    seen = []
+    hook = modules["net"].register_forward_hook(
+        lambda m, i, out: seen.append(out[0]["heatmap"].dtype))
+    with torch.no_grad():
+        full = losses(modules, batch, stride, 3, "dense", args_for(tiny, "f"))
+        half = losses(modules, batch, stride, 3, "dense", args_for(tiny, "h", bf16=True))
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    for key in ("heatmap", "reg", "mask_net", "total"):
+        assert half[key].dtype == torch.float32
+        assert half[key] != full[key]                  # computed in bfloat16 ...
+        torch.testing.assert_close(half[key], full[key], rtol=0.05, atol=1e-3)   # ... nearly
+    assert train_cli.run(args_for(tiny, "bf16", steps=3, bf16=True)) == 0
+    rows = log_of(tiny / "bf16" / "train_log.jsonl")
+    assert rows[-1]["done"] is True and rows[-2]["step"] == 3
+
+
 def test_rot_weight_scales_only_the_heading_term_of_the_regression_loss(tiny):
     from sparse_detector_ros.train.targets import reg_loss
 

@@ -43,6 +43,10 @@ def add_arguments(parser) -> None:
                         help="weight of the mask net's positive cells (recall)")
     parser.add_argument("--min-points", type=int, default=1,
                         help="objects with fewer LiDAR points are not trained on")
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the networks' forward and backward in bfloat16 autocast "
+                             "(weights, losses and targets stay float32); about 2x faster on "
+                             "CPUs with AVX512-BF16 or AMX")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     parser.add_argument("--seed", type=int, default=0)

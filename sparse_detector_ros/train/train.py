@@ -23,6 +23,9 @@ One step (:func:`train_step`):
    cross-entropy whose positives weigh ``--mask-pos-weight`` times more: recall first;
 5. AdamW, one-cycle learning rate, gradient clipping.
 
+With ``--bf16`` steps 3 and 4 run the networks under bfloat16 autocast (about half the time of
+float32 on CPUs with AVX512-BF16); the weights, the targets and the losses stay float32.
+
 Fixed seeds; a tqdm bar with loss and rate; a JSON-lines log (``train_log.jsonl``); resumable
 checkpoints (``checkpoint.pt``: modules, optimizer, scheduler, step, RNG states) every
 ``--save-every`` steps and at the end, when the time budget (``--max-minutes``) runs out, or on
@@ -117,7 +120,15 @@ def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: 
         mask = object_mask(target_m, mask_net.factor, tuple(batch["mask"].shape[1:]))
     else:
         mask = batch["mask"].to(bev)
-    head, active = net(bev, mask)
+    # --bf16: the networks run under bfloat16 autocast; their outputs come back as float32, so
+    # that the losses, the targets and the IoU of the decoded boxes stay in float32
+    amp = torch.autocast(bev.device.type, dtype=torch.bfloat16,
+                         enabled=bool(getattr(args, "bf16", False)))
+    with amp:
+        head, active = net(bev, mask)
+        logits_m = mask_net(bev)
+    head = {k: v.float() for k, v in head.items()}
+    logits_m = logits_m.float()
     t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, num_classes,
                      reg_radius=getattr(args, "reg_radius", 0))
     act = active.to(bev.dtype)
@@ -134,7 +145,6 @@ def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: 
     if "iou" in head:       # models with iou_head: 1 (model/network.py)
         cell = stride * float(batch["grid"][0].resolution)
         out["iou"] = iou_loss(head, t, reg_mask, cell)
-    logits_m = mask_net(bev)
     pos_w = torch.tensor(args.mask_pos_weight, dtype=logits_m.dtype)
     out["mask_net"] = F.binary_cross_entropy_with_logits(logits_m[:, 0], target_m,
                                                          pos_weight=pos_w)
