@@ -624,3 +624,34 @@ def test_dataset_rejects_bad_crop_and_missing_cache(cache, tmp_path):
         data.CachedBEVDataset(tmp_path)
     with pytest.raises(ValueError, match="Augmentation.scale"):
         data.Augmentation(scale=(1.1, 0.9))
+
+
+def test_cache_command_paste_option_adds_classes_to_the_default_paste(monkeypatch, tmp_path,
+                                                                     capsys):
+    import argparse
+
+    from sparse_detector_ros.tools import cache_cli
+
+    seen = {}
+    monkeypatch.setattr(data, "generate_cache",
+                        lambda *a, augmentation, **k: seen.update(aug=augmentation) or {})
+    parser = argparse.ArgumentParser()
+    cache_cli.add_arguments(parser)
+
+    def run(*argv):
+        assert cache_cli.run(parser.parse_args(["--out", str(tmp_path / "c"), *argv])) == 0
+        return dict(seen["aug"].paste)
+
+    default = dict(data.Augmentation().paste)
+    assert run() == default
+    assert run("--paste", "car=4") == {**default, "car": 4}
+    assert run("--paste", "car=3", "cyclist=0", "--variants", "1") == {**default, "car": 3,
+                                                                       "cyclist": 0}
+    assert seen["aug"].variants == 1
+    for bad in ("car", "car=x", "=2"):        # not CLASS=N: argparse's one-line error
+        with pytest.raises(SystemExit):
+            run("--paste", bad)
+        assert f"argument --paste: {bad!r}: expected CLASS=N" in capsys.readouterr().err
+    for bad in ("bus=2", "car=-1"):            # the augmentation names what it takes
+        with pytest.raises(ValueError, match=r"Augmentation.paste = .*must map classes of"):
+            run("--paste", bad)

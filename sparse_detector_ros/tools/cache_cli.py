@@ -2,6 +2,7 @@
 (:func:`sparse_detector_ros.train.data.generate_cache`)."""
 from __future__ import annotations
 
+import argparse
 import json
 
 
@@ -15,12 +16,28 @@ def add_arguments(parser) -> None:
                              "hdl32e vlp16)")
     parser.add_argument("--variants", type=int, default=None,
                         help="augmented copies per frame (default 2)")
+    parser.add_argument("--paste", nargs="+", default=[], metavar="CLASS=N", type=paste_entry,
+                        help="objects of CLASS pasted into each frame (ground-truth sampling), "
+                             "e.g. car=4; classes not named keep the default (pedestrian=2 "
+                             "cyclist=4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scene-offset", type=int, default=0,
                         help="first scene of the split's range")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--model", default="", help="model description whose grid to use")
     parser.add_argument("--overwrite", action="store_true")
+
+
+def paste_entry(value: str) -> tuple[str, int]:
+    """``"car=4"`` -> ``("car", 4)``; argparse's error (one line, exit 2) for anything not
+    ``CLASS=N`` with an integer N (the classes and N >= 0 are checked by ``Augmentation``)."""
+    name, sep, count = str(value).partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected CLASS=N, e.g. car=4") from None
 
 
 def run(args) -> int:
@@ -31,6 +48,8 @@ def run(args) -> int:
 
     aug = Augmentation() if args.variants is None else replace(Augmentation(),
                                                                variants=args.variants)
+    if args.paste:
+        aug = replace(aug, paste={**dict(aug.paste), **dict(args.paste)})
     stats = generate_cache(args.out, args.split, args.scenes, args.frames,
                            args.presets or DEFAULT_PRESETS, load_description(args.model).grid,
                            args.seed, args.workers, augmentation=aug,
