@@ -296,19 +296,19 @@ def _to_boxes(reg: torch.Tensor) -> torch.Tensor:
     return torch.cat([reg[:, 0:3], reg[:, 3:6].exp(), yaw[:, None]], 1).float()
 
 
-def _window_regressions(head: Mapping[str, torch.Tensor], b: int, k: torch.Tensor,
-                        i: torch.Tensor, j: torch.Tensor, grid: GridConfig, stride: int,
-                        radius: int, active: torch.Tensor | None = None) -> torch.Tensor:
+def _window_regressions(head: Mapping[str, torch.Tensor], heat: torch.Tensor, b: int,
+                        k: torch.Tensor, i: torch.Tensor, j: torch.Tensor, grid: GridConfig,
+                        stride: int, radius: int,
+                        active: torch.Tensor | None = None) -> torch.Tensor:
     """(M, 8 or 10) regression values at the peaks (k, i, j) of batch item ``b``, each the
     average over the cells within ``radius`` (a ``2 radius + 1`` square) weighted by their
-    heatmap score of the peak's class ``k``. A cell counts only when it lies on the map, is
-    active (``active`` (Ho, Wo) bool of batch item ``b``, None: every cell) and its box centre
-    lies within half the peak box's width of the peak box's centre (a cell nearer another
-    object regresses that object). The ``rot`` and ``axis`` vectors are averaged as vectors
-    (their angle is what decodes). ``radius`` 0: the peak cells' values."""
-    peak = _regressions_at(head, b, i, j, grid, stride)
+    heatmap score ``heat`` (N, K, Ho, Wo) of the peak's class ``k``. A cell counts only when
+    it lies on the map, is active (``active`` (Ho, Wo) bool of batch item ``b``, None: every
+    cell) and its box centre lies within half the peak box's width of the peak box's centre
+    (a cell nearer another object regresses that object). The ``rot`` and ``axis`` vectors are
+    averaged as vectors (their angle is what decodes). ``radius`` 0: the peak cells' values."""
     if radius == 0 or len(i) == 0:
-        return peak
+        return _regressions_at(head, b, i, j, grid, stride)
     ho, wo = head["heatmap"].shape[-2:]
     d = torch.arange(-radius, radius + 1, device=i.device)
     side = len(d)
@@ -321,7 +321,8 @@ def _window_regressions(head: Mapping[str, torch.Tensor], b: int, k: torch.Tenso
     m, cells = ni.shape
     reg = _regressions_at(head, b, ni.reshape(-1), nj.reshape(-1), grid, stride)
     reg = reg.reshape(m, cells, -1)
-    heat = torch.sigmoid(head["heatmap"][b].double())[k[:, None], ni, nj]
+    peak = reg[:, cells // 2]                              # the window's centre: the peak
+    heat = heat[b][k[:, None], ni, nj].double()
     near = (reg[..., 0:2] - peak[:, None, 0:2]).norm(dim=2) <= 0.5 * peak[:, None, 4].exp()
     weight = torch.where(inside & near, heat, torch.zeros_like(heat))
     weight[:, cells // 2] = heat[:, cells // 2] + 1e-300   # the peak itself always counts
@@ -359,8 +360,7 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
             their heatmap score of the peak's class, leaving out cells off the map or inactive
             and cells whose box centre lies farther than half the peak box's width from the
             peak box's centre (they regress another object); ``rot`` and ``axis`` average as
-            vectors.
-            0: the peak cell's regression alone.
+            vectors. 0: the peak cell's regression alone.
 
     Returns:
         ``N`` :class:`Detections` on the head's device, sorted by descending score. Computed
@@ -409,8 +409,9 @@ def decode(head: Mapping[str, torch.Tensor], grid: GridConfig, stride: int,
             continue
         order = torch.sort(pscore[sel], descending=True, stable=True).indices[:top_k]
         sel = sel[order]
-        boxes = _to_boxes(_window_regressions(head, b, pk[sel], pi[sel], pj[sel], grid, stride,
-                                              box_radius, None if act is None else act[b]))
+        boxes = _to_boxes(_window_regressions(head, heat, b, pk[sel], pi[sel], pj[sel], grid,
+                                              stride, box_radius,
+                                              None if act is None else act[b]))
         det_scores, labels = pscore[sel], pk[sel]
         if float(nms_iou) < 1.0 and len(sel) > 1:
             kept = nms_bev(boxes, det_scores, float(nms_iou), classes=labels)
