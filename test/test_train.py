@@ -129,6 +129,28 @@ def test_reg_radius_option_trains_the_regression_around_the_centres(tiny):
     torch.testing.assert_close(got["reg"], want, rtol=1e-4, atol=1e-6)
 
 
+def test_far_weight_option_reaches_the_regression_loss_and_is_checked_at_start(tiny,
+                                                                              monkeypatch):
+    from sparse_detector_ros.train import targets
+    from sparse_detector_ros.train.targets import REG_KEYS, encode_batch, reg_loss
+    from sparse_detector_ros.train.train import losses, run
+
+    # the tiny grid ends before 20 m: the ramp brought within it
+    monkeypatch.setattr(targets, "FAR_RAMP", (2.0, 12.0))
+    modules, batch, stride, head, active = dense_pass(tiny, load_description(tiny / "model.yaml"))
+    with torch.no_grad():
+        got = losses(modules, batch, stride, 3, "dense", args_for(tiny, "f", far_weight=3.0))
+        plain = losses(modules, batch, stride, 3, "dense", args_for(tiny, "f"))
+    t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, 3, far_weight=3.0)
+    m = t["mask"] * active.float()
+    assert float(m.max()) > 1.0
+    want = sum(reg_loss(head[k], t[k], m) for k in REG_KEYS if k in head)
+    torch.testing.assert_close(got["reg"], want, rtol=1e-4, atol=1e-6)
+    assert float(got["reg"]) != pytest.approx(float(plain["reg"]))
+    with pytest.raises(SystemExit, match="--far-weight must be a finite number >= 0"):
+        run(args_for(tiny, "f", far_weight=-1.0))
+
+
 def test_bf16_option_runs_the_networks_in_bfloat16_and_keeps_the_losses_float32(tiny):
     from sparse_detector_ros.train.train import losses
 

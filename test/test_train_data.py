@@ -241,6 +241,42 @@ def test_reg_loss_weighs_each_cell_by_the_mask():
     assert float(reg_loss(pred, t["z"], mask)) == pytest.approx(m / float(mask.sum()))
 
 
+def test_far_weight_scales_the_regression_weights_of_an_object_by_its_range():
+    from sparse_detector_ros.train.targets import FAR_RAMP
+
+    g = GridConfig(x_min=-51.2, x_max=51.2, y_min=-51.2, y_max=51.2, resolution=0.2)
+    # ranges 10 m (below the ramp), 30 m (half way up) and 45 m (beyond it)
+    a = np.array([[10.1, 0.3, -1.0, 4.5, 1.9, 1.6, 0.1],
+                  [0.3, 30.1, -1.0, 4.5, 1.9, 1.6, 0.4],
+                  [-27.1, -35.9, -1.0, 4.5, 1.9, 1.6, 1.0]], np.float32)
+    r = np.hypot(a[:, 0], a[:, 1])
+    assert r[0] < FAR_RAMP[0] < r[1] < FAR_RAMP[1] < r[2]
+    want = 1.0 + 2.0 * np.array([0.0, (r[1] - FAR_RAMP[0]) / (FAR_RAMP[1] - FAR_RAMP[0]), 1.0])
+    plain = encode(a, [0, 0, 0], g, 4, 3, reg_radius=1)
+    t = encode(a, [0, 0, 0], g, 4, 3, reg_radius=1, far_weight=2.0)
+    for key in REG_KEYS:
+        assert torch.equal(t[key], plain[key])                 # the same targets
+    assert torch.equal(t["heatmap"], plain["heatmap"])
+    cell = 4 * g.resolution
+    for k in range(3):
+        ci, cj = int((a[k, 0] - g.x_min) // cell), int((a[k, 1] - g.y_min) // cell)
+        win = (slice(ci - 1, ci + 2), slice(cj - 1, cj + 2))
+        # every cell of the object's window, its centre (1.0) included, weighs want[k] times more
+        torch.testing.assert_close(t["mask"][win], plain["mask"][win] * float(want[k]))
+        assert float(t["mask"][ci, cj]) == pytest.approx(want[k])
+    assert torch.equal(encode(a, [0, 0, 0], g, 4, 3, reg_radius=1, far_weight=0.0)["mask"],
+                       plain["mask"])
+    # the centre cells alone (no reg_radius) too
+    t0 = encode(a, [0, 0, 0], g, 4, 3, far_weight=2.0)
+    assert sorted(t0["mask"][t0["mask"] > 0].tolist()) == pytest.approx(sorted(want.tolist()))
+
+
+@pytest.mark.parametrize("far_weight", [-0.5, float("nan"), True, "1"])
+def test_encode_rejects_a_bad_far_weight(far_weight):
+    with pytest.raises(ValueError, match="far_weight must be a finite number >= 0"):
+        encode(np.zeros((0, 7)), [], ASYM, 4, 3, far_weight=far_weight)
+
+
 @pytest.mark.parametrize("boxes, labels, message", [
     (np.zeros((2, 6)), [0, 0], "boxes must have shape"),
     (np.ones((2, 7)), [0], "labels must have shape"),

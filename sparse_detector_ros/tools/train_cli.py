@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
                         help="also train the box regression at the cells within this many "
                              "output cells of each centre (a peak one cell off still decodes "
                              "its object's box; train/targets.py); 0: centre cells only")
+    parser.add_argument("--far-weight", type=float, default=0.0,
+                        help="far objects' regression weight: 1 + W at 40 m and beyond, rising "
+                             "from 1 at 20 m (train/targets.py); 0: every object the same")
     parser.add_argument("--rot-weight", type=float, default=1.0,
                         help="weight of the heading (sin, cos) within the L1 loss")
     parser.add_argument("--mask-weight", type=float, default=1.0,

@@ -34,6 +34,11 @@ several objects takes the one whose centre is nearest; a centre cell always keep
 loss weighs such a cell by the object's heatmap value there (the centre cell by 1.0), so a
 cell that is likelier to be the peak counts more.
 
+Far objects (``far_weight`` W > 0): the regression weights of an object's cells are multiplied
+by ``1 + W * ramp(range)``, the ramp rising from 0 at 20 m to 1 at 40 m from the sensor. Far
+objects have few points and often one face seen, and their boxes are the hardest to place; the
+losses stay normalised by the sum of the weights, so this moves the loss towards them.
+
 Losses: :func:`focal_loss` (penalty-reduced focal loss of CenterNet on the heatmap logits) and
 :func:`reg_loss` (L1 on the regression maps at the cells with a target, weighted), both
 normalised by the number of objects (the sum of the regression weights).
@@ -49,13 +54,16 @@ import torch.nn.functional as F
 from ..boxes import BOX_DIM
 from ..config import GridConfig
 
-__all__ = ["REG_KEYS", "MIN_OVERLAP", "gaussian_radius", "output_shape", "encode", "iou_loss",
+__all__ = ["REG_KEYS", "MIN_OVERLAP", "FAR_RAMP", "gaussian_radius", "output_shape", "encode", "iou_loss",
            "encode_batch", "focal_loss", "reg_loss"]
 
 #: the regression maps of the head (the keys of :mod:`..model.decode` besides ``heatmap``)
 REG_KEYS: dict[str, int] = {"offset": 2, "z": 1, "size": 3, "rot": 2, "axis": 2}
 #: CenterPoint's minimum overlap for the Gaussian radius
 MIN_OVERLAP = 0.1
+#: ranges [m] over which the regression weight of ``far_weight`` rises from 1 to its full value
+#: (the evaluation's middle range band, 20-40 m: beyond it the weight is full)
+FAR_RAMP = (20.0, 40.0)
 
 
 def gaussian_radius(length, width, min_overlap: float = MIN_OVERLAP) -> np.ndarray:
@@ -124,7 +132,7 @@ def _gaussian(radius: int) -> np.ndarray:
 
 def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
            min_radius: int = 2, min_overlap: float = MIN_OVERLAP,
-           reg_radius: int = 0) -> dict[str, torch.Tensor]:
+           reg_radius: int = 0, far_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Targets of one sample (see the module docstring).
 
     Args:
@@ -138,6 +146,10 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
         min_overlap: overlap of :func:`gaussian_radius`.
         reg_radius: also write the regression targets at the cells within this many cells of
             each centre cell (see the module docstring; 0: centre cells only).
+        far_weight: the regression weight of an object's cells grows with its range from the
+            sensor (the grid's origin): ``1 + far_weight * ramp``, ``ramp`` rising linearly
+            from 0 at :data:`FAR_RAMP` [0] to 1 at :data:`FAR_RAMP` [1] metres; 0: every
+            object weighs the same.
 
     Returns:
         dict of float32 tensors on the CPU, ``Ho, Wo`` from :func:`output_shape`:
@@ -158,6 +170,9 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
     if (not isinstance(reg_radius, (int, np.integer)) or isinstance(reg_radius, bool)
             or reg_radius < 0):
         raise ValueError(f"reg_radius must be an int >= 0, got {reg_radius!r}")
+    if (isinstance(far_weight, bool) or not isinstance(far_weight, (int, float, np.number))
+            or not np.isfinite(far_weight) or far_weight < 0):
+        raise ValueError(f"far_weight must be a finite number >= 0, got {far_weight!r}")
     b = _as_numpy(boxes, np.float64, "boxes")
     if b.size == 0:
         b = b.reshape(0, BOX_DIM)
@@ -193,6 +208,10 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
         radius = np.maximum(
             np.floor(gaussian_radius(b[:, 3] / cell, b[:, 4] / cell, min_overlap)).astype(int),
             int(min_radius))
+        # the regression weight's range factor of each object (1.0 without far_weight)
+        ramp = np.clip((np.hypot(b[:, 0], b[:, 1]) - FAR_RAMP[0]) / (FAR_RAMP[1] - FAR_RAMP[0]),
+                       0.0, 1.0)
+        factor = (1.0 + float(far_weight) * ramp).astype(np.float32)
         kernels: dict[int, np.ndarray] = {}
         for k in range(len(b)):
             r = int(radius[k])
@@ -220,7 +239,7 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
                 near[i0:i1, j0:j1][take] = d[take]
                 owner[i0:i1, j0:j1][take] = k
                 g = _gaussian_at((ii - ci) ** 2 + (jj - cj) ** 2, r)
-                weight[i0:i1, j0:j1][take] = g[take]
+                weight[i0:i1, j0:j1][take] = g[take] * factor[k]
             ni, nj = np.nonzero(owner >= 0)
             k = owner[ni, nj]
             _write_reg(reg, ni, nj, b[k], fx[k], fy[k])
@@ -230,7 +249,7 @@ def encode(boxes, labels, grid: GridConfig, stride: int, num_classes: int,
         _, first = np.unique(flat, return_index=True)
         i, j, b, fx, fy = i[first], j[first], b[first], fx[first], fy[first]
         _write_reg(reg, i, j, b, fx, fy)
-        mask[i, j] = 1.0
+        mask[i, j] = factor[first]
     out = {"heatmap": torch.from_numpy(heatmap)}
     out.update({key: torch.from_numpy(v) for key, v in reg.items()})
     out["mask"] = torch.from_numpy(mask)
@@ -253,8 +272,8 @@ def _write_reg(reg: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, b: np.n
 
 def encode_batch(boxes: Sequence, labels: Sequence, grid: GridConfig | Sequence[GridConfig],
                  stride: int, num_classes: int, min_radius: int = 2,
-                 min_overlap: float = MIN_OVERLAP, reg_radius: int = 0
-                 ) -> dict[str, torch.Tensor]:
+                 min_overlap: float = MIN_OVERLAP, reg_radius: int = 0,
+                 far_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """:func:`encode` of ``N`` samples, stacked: the same keys with a leading batch dimension
     (``heatmap (N, K, Ho, Wo)``, ..., ``mask (N, Ho, Wo)``).
 
@@ -271,7 +290,8 @@ def encode_batch(boxes: Sequence, labels: Sequence, grid: GridConfig | Sequence[
     if len(shapes) != 1:
         raise ValueError(f"the samples' grids give different output shapes {sorted(shapes)}: "
                          "a batch needs one shape")
-    parts = [encode(b, lab, g, stride, num_classes, min_radius, min_overlap, reg_radius)
+    parts = [encode(b, lab, g, stride, num_classes, min_radius, min_overlap, reg_radius,
+                    far_weight)
              for b, lab, g in zip(boxes, labels, grids)]
     return {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
 

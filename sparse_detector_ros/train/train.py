@@ -15,6 +15,7 @@ One step (:func:`train_step`):
    models with ``heading: axis``), both restricted to the head's
    active cells (outside them nothing is computed at inference); the L1 at the centre cells
    and, with ``--reg-radius R``, at the cells within ``R`` of them, weighted by the heatmap;
+   with ``--far-weight W`` objects beyond 20 m weigh up to ``1 + W`` times more (at 40 m);
    For models with ``iou_head: 1``, the IoU branch learns the BEV IoU of the box decoded at
    each cell with a regression target (the same cells) with its object
    (:func:`.targets.iou_loss`, weight ``--iou-loss-weight``);
@@ -39,6 +40,7 @@ saves. ``--steps`` counts optimizer steps, each of ``world_size * batch`` crops.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -130,7 +132,8 @@ def losses(modules, batch: dict[str, Any], stride: int, num_classes: int, kind: 
     head = {k: v.float() for k, v in head.items()}
     logits_m = logits_m.float()
     t = encode_batch(batch["boxes"], batch["labels"], batch["grid"], stride, num_classes,
-                     reg_radius=getattr(args, "reg_radius", 0))
+                     reg_radius=getattr(args, "reg_radius", 0),
+                     far_weight=getattr(args, "far_weight", 0.0))
     act = active.to(bev.dtype)
     # nothing is computed outside the active cells: no loss there, no object counted there
     logits = torch.where(active[:, None], head["heatmap"], torch.full_like(head["heatmap"], -30))
@@ -196,6 +199,9 @@ def run(args) -> int:
     if min(fractions) < 0 or sum(fractions) > 1:
         raise SystemExit(f"train: --dense-fraction ({fractions[0]}) and --object-mask-fraction "
                          f"({fractions[1]}) must be >= 0 and add up to at most 1")
+    far = getattr(args, "far_weight", 0.0)
+    if not math.isfinite(far) or far < 0:
+        raise SystemExit(f"train: --far-weight must be a finite number >= 0, got {far}")
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
