@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from ..boxes import BOX_DIM
 from ..config import GridConfig
 
-__all__ = ["REG_KEYS", "MIN_OVERLAP", "FAR_RAMP", "gaussian_radius", "output_shape", "encode", "iou_loss",
-           "encode_batch", "focal_loss", "reg_loss"]
+__all__ = ["REG_KEYS", "MIN_OVERLAP", "FAR_RAMP", "gaussian_radius", "output_shape", "encode",
+           "iou_loss", "encode_batch", "focal_loss", "reg_loss"]
 
 #: the regression maps of the head (the keys of :mod:`..model.decode` besides ``heatmap``)
 REG_KEYS: dict[str, int] = {"offset": 2, "z": 1, "size": 3, "rot": 2, "axis": 2}
