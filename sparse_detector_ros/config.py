@@ -249,7 +249,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               1, 10000, live=True),
     ParamSpec("detector.nms_iou", 0.2, "BEV IoU above which the lower-scored of two boxes of "
               "one class is suppressed (colliding peaks)", 0.0, 1.0, live=True),
-    ParamSpec("detector.iou_weight", 0.4, "for models with an IoU output (iou_head: 1): score = "
+    ParamSpec("detector.iou_weight", 0.5, "for models with an IoU output (iou_head: 1): score = "
               "heatmap^(1 - w) x predicted IoU^w, so that tight boxes rank first; the "
               "score_thresholds apply to the heatmap alone (0: the "
               "heatmap alone; models without the output ignore it)", 0.0, 0.9, live=True),
