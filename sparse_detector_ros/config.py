@@ -230,8 +230,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "stops start-up (and a live change to it is refused); false: the map prior gives "
               "way to mask.map_fallback, reported in diagnostics (WARN, mask_fallback)",
               live=True),
-    ParamSpec("mask.occupancy_min_points", 2, "points above the local ground a cell needs to be "
-              "active", 1, 10000, live=True),
+    ParamSpec("mask.occupancy_min_points", 1, "points above the local ground a cell needs to be "
+              "active (2 would drop far objects seen by single points per cell: 0.8 % of the "
+              "os1-64 centres)", 1, 10000, live=True),
     ParamSpec("mask.occupancy_min_height", 0.25, "height above the local ground from which a point "
               "counts [m]", 0.0, 5.0, live=True),
     ParamSpec("mask.occupancy_ground_cell", 3.2, "size of the cells over which the local ground "

@@ -12,7 +12,7 @@ import torch
 
 from sparse_detector_ros.bev import Rasterizer
 from sparse_detector_ros.boxes import bev_iou, points_in_boxes
-from sparse_detector_ros.config import GridConfig
+from sparse_detector_ros.config import GridConfig, MaskConfig
 from sparse_detector_ros.masks import occupancy_mask
 from sparse_detector_ros.model.decode import decode
 from sparse_detector_ros.model.description import ModelDescription
@@ -670,7 +670,8 @@ def test_cache_command_paste_option_adds_classes_to_the_default_paste(monkeypatc
 
     seen = {}
     monkeypatch.setattr(data, "generate_cache",
-                        lambda *a, augmentation, **k: seen.update(aug=augmentation) or {})
+                        lambda *a, augmentation, mask, **k:
+                        seen.update(aug=augmentation, mask=mask) or {})
     parser = argparse.ArgumentParser()
     cache_cli.add_arguments(parser)
 
@@ -684,6 +685,15 @@ def test_cache_command_paste_option_adds_classes_to_the_default_paste(monkeypatc
     assert run("--paste", "car=3", "cyclist=0", "--variants", "1") == {**default, "car": 3,
                                                                        "cyclist": 0}
     assert seen["aug"].variants == 1
+    assert seen["mask"] == MaskConfig()          # the runtime default unless asked
+    run("--occupancy-min-points", "2")
+    assert seen["mask"].occupancy_min_points == 2
+    assert seen["mask"].occupancy_dilation == MaskConfig().occupancy_dilation
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            run("--occupancy-min-points", bad)
+        assert f"argument --occupancy-min-points: {bad!r}: expected an int >= 1" in \
+            capsys.readouterr().err
     for bad in ("car", "car=x", "=2"):        # not CLASS=N: argparse's one-line error
         with pytest.raises(SystemExit):
             run("--paste", bad)

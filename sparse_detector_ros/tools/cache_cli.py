@@ -25,6 +25,9 @@ def add_arguments(parser) -> None:
                         help="first scene of the split's range")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--model", default="", help="model description whose grid to use")
+    parser.add_argument("--occupancy-min-points", type=min_points_entry, default=None,
+                        help="mask.occupancy_min_points of the occupancy masks stored for the "
+                             "training passes under that mask (default: the runtime default)")
     parser.add_argument("--overwrite", action="store_true")
 
 
@@ -40,9 +43,21 @@ def paste_entry(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{value!r}: expected CLASS=N, e.g. car=4") from None
 
 
+def min_points_entry(value: str) -> int:
+    """An int >= 1 (argparse's one-line error otherwise)."""
+    try:
+        n = int(value)
+        if n < 1:
+            raise ValueError
+        return n
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected an int >= 1") from None
+
+
 def run(args) -> int:
     from dataclasses import replace
 
+    from ..config import MaskConfig
     from ..model import load_description
     from ..train.data import DEFAULT_PRESETS, Augmentation, generate_cache
 
@@ -50,9 +65,11 @@ def run(args) -> int:
                                                                variants=args.variants)
     if args.paste:
         aug = replace(aug, paste={**dict(aug.paste), **dict(args.paste)})
+    mask = (MaskConfig() if args.occupancy_min_points is None
+            else MaskConfig(occupancy_min_points=args.occupancy_min_points))
     stats = generate_cache(args.out, args.split, args.scenes, args.frames,
                            args.presets or DEFAULT_PRESETS, load_description(args.model).grid,
-                           args.seed, args.workers, augmentation=aug,
+                           args.seed, args.workers, augmentation=aug, mask=mask,
                            scene_offset=args.scene_offset, overwrite=args.overwrite)
     print(json.dumps(stats))
     return 0
