@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..runtime import freeze_startup_objects
-from .bench_soak import positive_int
+from . import positive_int
 from .node_client import stamp_ns
 
 #: p99 latency limit [ms] (with no dropped or lost frame) and the p99 aimed for [ms]

@@ -26,7 +26,6 @@ On this project's 2-core CPU a frame takes about 60 ms: the default run lasts 10
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,16 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import positive_int
+
 #: the soak's targets: RSS growth from the end of the first window to the end [%], and p99
 #: drift between the first and the last window [%] (both must stay below)
 TARGETS = {"rss_growth_pct": 5.0, "p99_drift_pct": 10.0}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def add_arguments(parser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="cache folder")
@@ -25,7 +27,7 @@ def add_arguments(parser) -> None:
                         help="first scene of the split's range")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--model", default="", help="model description whose grid to use")
-    parser.add_argument("--occupancy-min-points", type=min_points_entry, default=None,
+    parser.add_argument("--occupancy-min-points", type=positive_int, default=None,
                         help="mask.occupancy_min_points of the occupancy masks stored for the "
                              "training passes under that mask (default: the runtime default)")
     parser.add_argument("--overwrite", action="store_true")
@@ -41,17 +43,6 @@ def paste_entry(value: str) -> tuple[str, int]:
         return name, int(count)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r}: expected CLASS=N, e.g. car=4") from None
-
-
-def min_points_entry(value: str) -> int:
-    """An int >= 1 (argparse's one-line error otherwise)."""
-    try:
-        n = int(value)
-        if n < 1:
-            raise ValueError
-        return n
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected an int >= 1") from None
 
 
 def run(args) -> int:

@@ -43,7 +43,6 @@ default mask mode).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -54,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from . import positive_int
+
 MODES = ("dense", "occupancy", "map_prior", "net", "union")
 #: the mask modes evaluated by default (the configuration's ``mask.mode`` is added)
 EVAL_MODES = ("dense", "occupancy", "map_prior", "net")
@@ -62,16 +63,6 @@ HELD_OUT_PRESET = "os1-128"
 DEFAULT_EVAL_PRESETS = ("hdl64e", "os1-64", HELD_OUT_PRESET)
 README_MARKERS = ("<!-- eval-headline:begin -->", "<!-- eval-headline:end -->")
 #: nav2 map value from which a cell is road for the map prior: the simulator's carriageway
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser) -> None:
@@ -85,11 +76,11 @@ def add_arguments(parser) -> None:
                         help="LiDAR presets, one row block each (default: hdl64e os1-64 and "
                              f"{HELD_OUT_PRESET}, held out of training; presets that are not "
                              "training presets are marked held out)")
-    parser.add_argument("--scenes", type=_positive_int, default=8,
+    parser.add_argument("--scenes", type=positive_int, default=8,
                         help="scenes of the eval split (default 8)")
-    parser.add_argument("--frames", type=_positive_int, default=5,
+    parser.add_argument("--frames", type=positive_int, default=5,
                         help="frames per scene and preset (default 5)")
-    parser.add_argument("--frame-step", type=_positive_int, default=5,
+    parser.add_argument("--frame-step", type=positive_int, default=5,
                         help="frames (0.1 s each) between two evaluated frames (default 5)")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES,
                         help="mask modes, one column each (default: dense occupancy map_prior "
@@ -102,7 +93,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--readme", nargs="?", const=str(root / "README.md"), default=None,
                         help="rewrite the headline block of this README (default when given "
                              "without a path: README.md of the source tree)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
